@@ -1,0 +1,91 @@
+"""Converters at the edge: a SingLoRA file as a standard LoRA, or merged into a full pipeline.
+
+ΔW = (α/r)·u·A[:d_out]·A[:d_in]ᵀ has rank ≤ r, so it *is* a LoRA with
+lora_down = A[:d_in]ᵀ and lora_up = coef·A[:d_out] (layer.lowrank_factors).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .format import AdapterFile, read_adapter
+from .layer import lowrank_factors, ramp
+
+# kohya / A1111 / ComfyUI prefixes per component; SDXL numbers its two text encoders.
+KOHYA_PREFIX = {
+    "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
+    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+}
+
+
+def _factors(adapter: AdapterFile, fold_alpha: bool):
+    """Yield (component, module_path, up, down) with u(step) (and α/r if fold_alpha) in `up`."""
+    u = float(ramp(adapter.step, adapter.ramp_up_steps))
+    coef = u * (adapter.alpha / adapter.rank if fold_alpha else 1.0)
+    shapes = adapter.shapes
+    for key, A in adapter.tensors.items():
+        component, _, path = key.partition(".")
+        d_out, d_in = shapes[key]
+        up, down = lowrank_factors(A.to(torch.float32), d_out, d_in, coef)
+        yield component, path, up.contiguous(), down.contiguous()
+
+
+def export_diffusers(adapter_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write OUT_DIR/pytorch_lora_weights.safetensors for pipe.load_lora_weights(OUT_DIR).
+
+    α/r and u are folded into lora_B, so the file needs no alpha: diffusers'
+    default lora_alpha = r (scale 1) reproduces ΔW exactly.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    adapter = read_adapter(adapter_path)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for component, path, up, down in _factors(adapter, fold_alpha=True):
+        layers.setdefault(component, {})[f"{path}.lora_A.weight"] = down
+        layers[component][f"{path}.lora_B.weight"] = up
+    kwargs = {f"{c}_lora_layers": layers[c] for c in layers}
+    writer = StableDiffusionXLPipeline if adapter.metadata.get("base_arch") == "sdxl" else StableDiffusionPipeline
+    writer.save_lora_weights(str(out_dir), **kwargs)
+    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+
+def export_kohya(adapter_path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
+    """Write the kohya layout A1111 and ComfyUI read: lora_unet_… / lora_te_… with .alpha = α."""
+    from safetensors.torch import save_file
+
+    adapter = read_adapter(adapter_path)
+    prefixes = KOHYA_PREFIX[adapter.metadata.get("base_arch", "sd")]
+    tensors = {}
+    for component, path, up, down in _factors(adapter, fold_alpha=False):
+        key = f"{prefixes[component]}_{path.replace('.', '_')}"
+        tensors[f"{key}.lora_down.weight"] = down
+        tensors[f"{key}.lora_up.weight"] = up
+        # Loaders scale by alpha / rank(lora_down): this keeps the user's α visible.
+        tensors[f"{key}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(adapter.rank),
+            "ss_network_alpha": str(adapter.alpha), "ss_base_model_version": adapter.metadata.get("base_arch", "sd"),
+            "singlora_source": os.path.basename(adapter.path), "singlora_step": str(adapter.step)}
+    save_file(tensors, str(out_file), metadata=meta)
+    return out_file
+
+
+def merge_into_pipeline(base: str | os.PathLike, adapter_path: str | os.PathLike, out_dir: str | os.PathLike,
+                        scale: float = 1.0) -> Path:
+    """Save a full diffusers pipeline folder with ΔW folded into the base weights."""
+    from .format import load_adapter
+    from .inject import remove_singlora, set_scale
+    from .pipelines import load_pipeline, pipeline_components
+
+    read_adapter(adapter_path)  # validate the file before loading the (large) base
+    pipe = load_pipeline(base)
+    components = pipeline_components(pipe)
+    load_adapter(components, adapter_path)
+    for model in components.values():
+        set_scale(model, scale)
+        remove_singlora(model, merge=True)
+    pipe.save_pretrained(str(out_dir))
+    return Path(out_dir)

@@ -1,0 +1,207 @@
+"""The SingLoRA file: one .safetensors file, documented in docs/format.md.
+
+    {component}.{module_path}.singlora_A      float32 (n, r), n = max(d_in, d_out)
+
+component is unet, text_encoder or text_encoder_2; module_path is the path LoRA
+files use (diffusers UNet names; CLIP text encoders with the `text_model.`
+level that transformers 5 no longer has in named_modules()). `__metadata__`
+holds strings: format, format_version, rank, alpha, ramp_up_steps, step,
+target_modules, text_encoder_target_modules, base_model, base_arch and
+module_shapes ({component.module_path: [d_out, d_in]}, which export needs to
+split non-square layers without the base model). Weights are never unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .inject import get_step, inject_singlora, set_step, singlora_modules
+from .pipelines import base_arch
+from .targets import COMPONENT_KIND
+
+FORMAT, FORMAT_VERSION = "singlora", "1"
+SUFFIX = ".singlora_A"
+WEIGHTS_NAME = "singlora_weights.safetensors"
+TEXT_PREFIX = "text_model."
+
+
+def file_module_path(component: str, name: str) -> str:
+    """Module path as written in files (CLIP encoders keep `text_model.`)."""
+    if COMPONENT_KIND[component] == "text_encoder" and not name.startswith(TEXT_PREFIX):
+        return TEXT_PREFIX + name
+    return name
+
+
+def model_module_path(model: nn.Module, component: str, path: str) -> str:
+    """The inverse for this model: drop `text_model.` if this transformers version has no such level."""
+    if COMPONENT_KIND[component] == "text_encoder" and not hasattr(model, "text_model"):
+        return path.removeprefix(TEXT_PREFIX)
+    return path
+
+
+@dataclass
+class AdapterFile:
+    path: str
+    tensors: dict[str, torch.Tensor]       # "{component}.{module_path}" -> A
+    metadata: dict[str, str]
+
+    @property
+    def rank(self) -> int:
+        return int(self.metadata["rank"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.metadata["alpha"])
+
+    @property
+    def step(self) -> int:
+        return int(self.metadata["step"])
+
+    @property
+    def ramp_up_steps(self) -> int:
+        return int(self.metadata["ramp_up_steps"])
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {k: tuple(v) for k, v in json.loads(self.metadata["module_shapes"]).items()}
+
+    def by_component(self) -> dict[str, dict[str, torch.Tensor]]:
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, A in self.tensors.items():
+            component, _, path = key.partition(".")
+            out.setdefault(component, {})[path] = A
+        return out
+
+
+def save_adapter(path: str | os.PathLike, components: dict[str, nn.Module], base_model: str,
+                 target_modules=None, text_encoder_target_modules=None) -> Path:
+    """Write every SingLoRA layer of `components` to one .safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors, shapes, settings = {}, {}, set()
+    for component, model in components.items():
+        for name, m in singlora_modules(model).items():
+            key = f"{component}.{file_module_path(component, name)}"
+            tensors[key + SUFFIX] = m.singlora_A.detach().to("cpu", torch.float32).contiguous()
+            shapes[key] = [m.d_out, m.d_in]
+            settings.add((m.rank, m.alpha, m.ramp_up_steps))
+    if not tensors:
+        raise ValueError("nothing to save: no SingLoRA layer in the given components")
+    if len(settings) > 1:
+        raise ValueError(f"layers differ in (rank, alpha, ramp_up_steps): {sorted(settings)}; "
+                         f"format v{FORMAT_VERSION} stores one setting per file")
+    (rank, alpha, ramp_up_steps), = settings
+    step = max(get_step(m) for m in components.values())
+    as_list = lambda spec: None if spec is None else (spec.split(",") if isinstance(spec, str) and "," in spec else spec)
+    metadata = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "rank": str(rank), "alpha": repr(float(alpha)),
+        "ramp_up_steps": str(ramp_up_steps), "step": str(step),
+        "target_modules": json.dumps(as_list(target_modules) if target_modules is not None else
+                                     sorted({k.rpartition(".")[2] for k in shapes if k.startswith("unet.")})),
+        "text_encoder_target_modules": json.dumps(as_list(text_encoder_target_modules)),
+        "base_model": str(base_model), "base_arch": base_arch(components),
+        "module_shapes": json.dumps(shapes),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated adapter behind
+    return path
+
+
+def resolve_adapter_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no SingLoRA adapter at {path}: pass a .safetensors file or a folder "
+                                f"that holds {WEIGHTS_NAME}")
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for non-safetensors input
+        raise ValueError(f"{path} is not a readable .safetensors file ({e})") from e
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and check a SingLoRA file (no model needed)."""
+    from safetensors.torch import load_file
+
+    path = resolve_adapter_path(path)
+    metadata = read_metadata(path)
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a SingLoRA file (metadata format={metadata.get('format')!r}); "
+                         f"a diffusers or kohya LoRA file is loaded with pipe.load_lora_weights instead")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has SingLoRA format_version {metadata.get('format_version')!r}; this "
+                         f"version of singlora-diffusion reads version {FORMAT_VERSION}: upgrade it")
+    for key in ("rank", "alpha", "ramp_up_steps", "step", "module_shapes"):
+        if key not in metadata:
+            raise ValueError(f"{path}: metadata key {key!r} is missing; the file is damaged or not written by singlora")
+    tensors = {}
+    for key, A in load_file(str(path)).items():
+        if not key.endswith(SUFFIX) or key.partition(".")[0] not in COMPONENT_KIND:
+            raise ValueError(f"{path}: unexpected tensor {key!r}; expected '{{unet|text_encoder|text_encoder_2}}"
+                             f".<module path>{SUFFIX}'")
+        tensors[key[: -len(SUFFIX)]] = A
+    return AdapterFile(str(path), tensors, metadata)
+
+
+def _validate_against(adapter: AdapterFile, components: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """component -> {model module path: A}; raises on the first key that does not fit."""
+    plan = {}
+    for component, entries in adapter.by_component().items():
+        if component not in components:
+            raise ValueError(f"{adapter.path} has weights for {component!r}, which this pipeline lacks "
+                             f"(base_model of the file: {adapter.metadata.get('base_model')})")
+        model = components[component]
+        modules = dict(model.named_modules())
+        plan[component] = {}
+        for path, A in entries.items():
+            name = model_module_path(model, component, path)
+            layer = modules.get(name)
+            key = f"{component}.{path}{SUFFIX}"
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"{adapter.path}: key {key} names no Linear layer in this {component} "
+                                 f"(wrong base model? the file was trained on {adapter.metadata.get('base_model')})")
+            d_out, d_in = layer.weight.shape
+            expected = (max(d_in, d_out), adapter.rank)
+            if tuple(A.shape) != expected:
+                raise ValueError(f"{adapter.path}: key {key} has shape {tuple(A.shape)} but this base's "
+                                 f"Linear({d_in} -> {d_out}) needs {expected}; the file was trained on "
+                                 f"{adapter.metadata.get('base_model')}")
+            plan[component][name] = A
+    return plan
+
+
+def load_adapter(components: dict[str, nn.Module], path: str | os.PathLike) -> AdapterFile:
+    """Inject the file's layers into `components` and restore A, α, T and the step exactly.
+
+    Checks every key against the base before touching any model.
+    """
+    adapter = read_adapter(path)
+    plan = _validate_against(adapter, components)
+    for component, entries in plan.items():
+        model = components[component]
+        # Exact names (escaped regexes); the seed only fills A before it is overwritten.
+        inject_singlora(model, [re.escape(n) for n in entries], adapter.rank, adapter.alpha,
+                        adapter.ramp_up_steps, seed=0, kind=COMPONENT_KIND[component])
+        wrapped = singlora_modules(model)
+        with torch.no_grad():
+            for name, A in entries.items():
+                wrapped[name].singlora_A.copy_(A)
+        set_step(model, adapter.step)
+    return adapter

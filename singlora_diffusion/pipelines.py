@@ -1,0 +1,75 @@
+"""Stable Diffusion pipelines: loading, their adaptable components, injection by config."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .inject import inject_singlora
+from .targets import COMPONENT_KIND
+
+COMPONENTS = tuple(COMPONENT_KIND)  # unet, text_encoder, text_encoder_2
+
+
+def pipeline_components(pipe) -> dict[str, nn.Module]:
+    """The adaptable models of a pipeline, by the component names the file format uses."""
+    return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
+
+
+def base_arch(components: dict[str, nn.Module]) -> str:
+    return "sdxl" if "text_encoder_2" in components else "sd"
+
+
+def inject_adapters(components: dict[str, nn.Module], cfg: AdapterConfig,
+                    ramp_up_steps: int = 0) -> dict[str, list[str]]:
+    """Add cfg.adapter to the UNet (and to the text encoders if cfg names targets for them)."""
+    from .baselines import inject_peft
+
+    plan = {"unet": cfg.target_modules}
+    if cfg.text_encoder_target_modules is not None:
+        plan.update({c: cfg.text_encoder_target_modules for c in components if c != "unet"})
+    injected = {}
+    for i, (component, targets) in enumerate(plan.items()):
+        model, kind = components[component], COMPONENT_KIND[component]
+        seed = cfg.init_seed + i  # each component its own stream, reproducible
+        if cfg.adapter == "singlora":
+            injected[component] = inject_singlora(model, targets, cfg.rank, cfg.alpha, ramp_up_steps, seed, kind)
+        else:
+            injected[component] = inject_peft(model, targets, cfg.rank, cfg.alpha, cfg.adapter == "dora", kind, seed)
+    return injected
+
+
+def check_base_exists(base: str | os.PathLike) -> None:
+    """Fail fast, before anything heavy, when `base` is neither a folder nor a cached hub id."""
+    path = Path(base)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json); "
+                                    f"pass a folder written by save_pretrained or a hub id")
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(str(base), "model_index.json"), str):
+            raise FileNotFoundError(f"base model {base!r} is not a local folder and not in the Hugging Face "
+                                    f"cache, and HF_HUB_OFFLINE=1 forbids downloading it: download it once "
+                                    f"online or pass a local diffusers folder")
+
+
+def load_pipeline(base: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None):
+    """A diffusers text-to-image pipeline from a hub id or a local folder."""
+    from diffusers import DiffusionPipeline
+
+    check_base_exists(base)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(base), **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load base model {base!r}: {e}") from e
+    if not hasattr(pipe, "unet"):
+        raise ValueError(f"{base} is a {type(pipe).__name__}; SingLoRA supports UNet pipelines (SD1.x/2.x, SDXL)")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device else pipe

@@ -1,0 +1,117 @@
+"""Small randomly initialised pipelines of the real SD1.x and SDXL architectures.
+
+They exist so that everything (training, export, generation, the web UI)
+runs offline in seconds; their images are noise-like because no weights are
+trained. Real users pass a hub id or a local diffusers folder instead.
+"""
+from __future__ import annotations
+
+import gzip
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+# CLIP's special tokens in the 49,408-token vocabulary.
+BOS_ID, EOS_ID = 49406, 49407
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2 / CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """CLIP's BPE vocabulary rebuilt from the merges file open_clip ships.
+
+    Same construction as open_clip's SimpleTokenizer, so token ids match the
+    real openai/clip-vit-large-patch14 tokenizer.
+    """
+    import open_clip
+
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [t + "</w>" for t in alphabet] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    # model_max_length must be given: without it the pipeline pads to ~1e30 tokens.
+    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=77)
+
+
+def _text_encoder(with_projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                            vocab_size=49408, max_position_embeddings=77, projection_dim=32,
+                            bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID, hidden_act="gelu")
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=32, sample_size=64)
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    # SD's noise schedule (scaled_linear 0.00085..0.012, steps_offset=1).
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def build_tiny_pipeline(arch: str = "sd15", seed: int = 0):
+    """A StableDiffusion(XL)Pipeline of ~10M parameters at 64 px, random weights."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    if arch == "sd15":
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32)
+        return StableDiffusionPipeline(
+            vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2), tokenizer=clip_tokenizer(), unet=unet,
+            scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if arch == "sdxl":
+        torch.manual_seed(seed)
+        # Micro-conditioning: 6 time ids × addition_time_embed_dim + text_encoder_2's pooled projection.
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=32)
+        return StableDiffusionXLPipeline(
+            vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2), text_encoder_2=_text_encoder(True, seed + 3),
+            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
+            force_zeros_for_empty_prompt=False)
+    raise ValueError(f"unknown tiny pipeline arch {arch!r}: choose sd15 or sdxl")
+
+
+def save_tiny_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
+    out = Path(out_dir)
+    build_tiny_pipeline(arch, seed).save_pretrained(out)
+    return out
