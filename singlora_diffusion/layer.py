@@ -136,7 +136,8 @@ class SingLoRALinear(nn.Module):
         # The adapter path runs in float32 even inside autocast (which would
         # otherwise run these matmuls in bf16/fp16); its output is cast back.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            up, down = lowrank_factors(self.singlora_A, self.d_out, self.d_in, self.coef(scale))
+            A = self.singlora_A.to(torch.float32)  # no copy: A is float32 (see __init__)
+            up, down = lowrank_factors(A, self.d_out, self.d_in, self.coef(scale))
             # x·ΔWᵀ as two thin matmuls: O(tokens·n·r), never the full d_out×d_in ΔW.
             delta = F.linear(F.linear(x.to(torch.float32), down), up)
         return out + delta.to(out.dtype)

@@ -1,0 +1,255 @@
+"""What does an adapter cost in training? SingLoRA vs PEFT LoRA and DoRA.
+
+    .venv/bin/python -m bench.adapter_overhead            # full run, ~3 min on 2 cores
+    .venv/bin/python -m bench.adapter_overhead --quick    # tiny model, keeps the script working
+
+An SD-architecture UNet (random init, ~18M parameters) at 256 px (32x32
+latents), batch 2, fp32 on CPU, preset "attn" (to_q, to_k, to_v, to_out.0).
+For each rank and method it reports:
+1. trainable parameters;
+2. the median time of one training step (forward, MSE loss, backward, AdamW
+   step). The methods run interleaved in rotating order, so drift of the
+   machine (thermal, other load) hits all of them alike; the time ratio is the
+   median of the per-repetition ratios method/LoRA;
+3. memory, two ways, each configuration in its own fresh process:
+   - bytes autograd saves for backward in one step (distinct storages, model
+     parameters excluded): exact and deterministic, the activation memory;
+   - peak RSS during three training steps minus the RSS after model+optimizer
+     setup: gradients, AdamW state, activations and allocator slack together.
+Goals for SingLoRA vs LoRA: time <= 1.00x, memory <= 1.00x, parameters 0.50x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+from torch.nn import functional as F
+
+METHODS = ("lora", "singlora", "dora")  # LoRA first: it is the reference of every ratio
+PRELOAD = ["torch", "diffusers", "peft", "singlora_diffusion"]  # imported once by the fork server
+GOALS = {"time": 1.00, "saved": 1.00, "rss": 1.00, "params": 0.50}
+
+# name -> (UNet size, latent side, batch, tokens); "full" is ~18.2M parameters.
+SETTINGS = {
+    "full": dict(block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
+                 attention_head_dim=8, latent=32, batch=2, tokens=77),
+    "quick": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                  attention_head_dim=(2, 4), latent=8, batch=1, tokens=8),
+}
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def build_unet(s: dict):
+    from diffusers import UNet2DConditionModel
+
+    n = len(s["block_out_channels"])
+    torch.manual_seed(0)  # every method adapts the very same base weights
+    return UNet2DConditionModel(
+        sample_size=s["latent"], in_channels=4, out_channels=4, norm_num_groups=32,
+        block_out_channels=s["block_out_channels"], layers_per_block=s["layers_per_block"],
+        cross_attention_dim=s["cross_attention_dim"], attention_head_dim=s["attention_head_dim"],
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1))
+
+
+def make_batch(s: dict) -> dict:
+    g = torch.Generator().manual_seed(1)
+    b, side = s["batch"], s["latent"]
+    return dict(sample=torch.randn(b, 4, side, side, generator=g),
+                timestep=torch.randint(0, 1000, (b,), generator=g),
+                encoder_hidden_states=torch.randn(b, s["tokens"], s["cross_attention_dim"], generator=g),
+                target=torch.randn(b, 4, side, side, generator=g))
+
+
+class Trainer:
+    """One UNet with one adapter and its optimizer, set up as a trainer would."""
+
+    def __init__(self, method: str, rank: int, s: dict):
+        from singlora_diffusion import AdapterConfig
+        from singlora_diffusion.inject import attach_ramp
+        from singlora_diffusion.pipelines import inject_adapters
+
+        self.unet = build_unet(s).train()
+        self.base_params = sum(p.numel() for p in self.unet.parameters())
+        # ramp_up_steps=0: u(t) = 1, the adapter is fully active from the first step.
+        inject_adapters({"unet": self.unet}, AdapterConfig(adapter=method, rank=rank, target_modules="attn"),
+                        ramp_up_steps=0)
+        trainable = [p for p in self.unet.parameters() if p.requires_grad]
+        self.params = sum(p.numel() for p in trainable)
+        self.opt = torch.optim.AdamW(trainable, lr=1e-4)
+        if method == "singlora":
+            attach_ramp(self.opt, self.unet)  # part of SingLoRA's real step (see demo.py)
+        self.batch = make_batch(s)
+
+    def step(self) -> None:
+        b = self.batch
+        pred = self.unet(b["sample"], b["timestep"], encoder_hidden_states=b["encoder_hidden_states"]).sample
+        F.mse_loss(pred, b["target"]).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def saved_for_backward(trainer: Trainer) -> int:
+    """Bytes of the distinct storages autograd keeps for backward during one step.
+
+    Deduplicated by storage (a layer input saved by both the base Linear and the
+    adapter is one tensor in memory) and without the model's own parameters and
+    buffers, which are resident anyway.
+    """
+    resident = {t.untyped_storage().data_ptr() for t in [*trainer.unet.parameters(), *trainer.unet.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in resident:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.step()
+    return sum(saved.values())
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_memory(method: str, rank: int, s: dict) -> dict:
+    """Runs in a fresh process so no other configuration's allocations blur the peak."""
+    torch.set_num_threads(cores())
+    trainer = Trainer(method, rank, s)
+    rss_setup = rss_bytes()
+    peak_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    saved = saved_for_backward(trainer)  # the first step also allocates grads and AdamW state
+    trainer.step(), trainer.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # If setup peaked higher than training, ru_maxrss did not move and the increase is unknown.
+    return dict(saved=saved, rss=peak - rss_setup if peak > peak_setup else None)
+
+
+def time_steps(trainers: dict[str, Trainer], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Per method, `repeats` step times; each repetition runs every method once, in rotating order."""
+    times = {m: [] for m in trainers}
+    order = list(trainers)
+    for rep in range(warmup + repeats):
+        k = rep % len(order)
+        for m in order[k:] + order[:k]:
+            start = time.perf_counter()
+            trainers[m].step()
+            if rep >= warmup:
+                times[m].append(time.perf_counter() - start)
+    return times
+
+
+def run(ranks: list[int], repeats: int, warmup: int, s: dict) -> list[dict]:
+    # A fork server that has imported the libraries but run nothing: each memory
+    # child starts clean and fast. Plain fork would copy this process's heap and
+    # its OpenMP threads.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    rows = []
+    with ctx.Pool(1, maxtasksperchild=1) as pool:  # one process per configuration
+        for rank in ranks:
+            # Memory first and one at a time: a child running beside the timing would skew it.
+            memory = {m: pool.apply(measure_memory, (m, rank, s)) for m in METHODS}
+            trainers = {m: Trainer(m, rank, s) for m in METHODS}
+            times = time_steps(trainers, repeats, warmup)
+            for m in METHODS:
+                mem = memory[m]
+                rows.append(dict(rank=rank, method=m, params=trainers[m].params,
+                                 time=statistics.median(times[m]), saved=mem["saved"], rss=mem["rss"],
+                                 time_ratio=statistics.median(t / ref for t, ref in zip(times[m], times["lora"]))))
+            del trainers
+    return rows
+
+
+def mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def ratio(row: dict, ref: dict, key: str) -> float | None:
+    if key == "time":
+        return row["time_ratio"]
+    return None if row[key] is None or not ref[key] else row[key] / ref[key]
+
+
+def table(rows: list[dict]) -> str:
+    def x(r):
+        return "n/a" if r is None else f"{r:.2f}x"
+    lines = ["| rank | method | trainable params | x LoRA | median step (s) | x LoRA "
+             "| saved for backward (MB) | x LoRA | peak RSS increase (MB) | x LoRA |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ref = next(r for r in rows if r["rank"] == row["rank"] and r["method"] == "lora")
+        lines.append(f"| {row['rank']} | {row['method']} | {row['params']:,} | {x(ratio(row, ref, 'params'))} "
+                     f"| {row['time']:.3f} | {x(ratio(row, ref, 'time'))} | {mb(row['saved'])} "
+                     f"| {x(ratio(row, ref, 'saved'))} | {mb(row['rss'])} | {x(ratio(row, ref, 'rss'))} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    out = []
+    for rank in dict.fromkeys(r["rank"] for r in rows):
+        ref = next(r for r in rows if r["rank"] == rank and r["method"] == "lora")
+        sing = next(r for r in rows if r["rank"] == rank and r["method"] == "singlora")
+        parts = []
+        for key, goal in GOALS.items():
+            value = ratio(sing, ref, key)
+            ok = value is not None and round(value, 2) <= goal  # judged as printed, to 2 decimals
+            parts.append(f"{key} {'n/a' if value is None else f'{value:.2f}x'} "
+                         f"({'meets' if ok else 'MISSES'} <= {goal:.2f}x)")
+        out.append(f"rank {rank}: SingLoRA " + ", ".join(parts))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per method (default 40; quick: 3)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=None, help="default 8 16; quick: 4")
+    ap.add_argument("--quick", action="store_true", help="tiny UNet, a few seconds: keeps the script working")
+    ap.add_argument("--json", metavar="PATH", help="also write settings and results here")
+    args = ap.parse_args(argv)
+    s = SETTINGS["quick" if args.quick else "full"]
+    ranks = args.ranks or ([4] if args.quick else [8, 16])
+    repeats = args.repeats or (3 if args.quick else 40)
+    warmup = 1 if args.quick else 3
+    torch.set_num_threads(cores())
+    torch.manual_seed(0)
+
+    base = sum(p.numel() for p in build_unet(s).parameters())
+    print(f"UNet2DConditionModel, {base / 1e6:.2f}M parameters, random init; latents {s['latent']}x{s['latent']} "
+          f"(= {8 * s['latent']} px), batch {s['batch']}, {s['tokens']} text tokens, fp32, CPU, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"targets: preset attn (to_q, to_k, to_v, to_out.0); ranks {ranks}; alpha = rank; "
+          f"{warmup} warm-up + {repeats} timed steps per method, interleaved in rotating order\n")
+    start = time.perf_counter()
+    rows = run(ranks, repeats, warmup, s)
+    print(table(rows))
+    print("\nstep = forward + MSE loss + backward + AdamW step. Time ratio = median over repetitions of the "
+          "paired ratio method/LoRA.\nsaved for backward = bytes of distinct storages autograd keeps for "
+          "backward in one step, parameters excluded (activation memory).\npeak RSS increase = peak RSS over 3 "
+          "training steps minus RSS after model+optimizer setup, each configuration in a fresh process "
+          "(grads, AdamW state, activations, allocator slack).")
+    print("\nGoals for SingLoRA vs LoRA: time <= 1.00x, memory <= 1.00x, parameters 0.50x.")
+    print("\n".join(verdicts(rows)))
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(settings=dict(s, base_params=base, ranks=ranks, repeats=repeats, warmup=warmup,
+                                         threads=torch.get_num_threads(), torch=torch.__version__,
+                                         machine=platform.machine()), goals=GOALS, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""`singlora` console script (also `python -m singlora_diffusion`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _tiny(args):
+    from .tiny import save_tiny_pipeline
+
+    print(f"tiny {args.arch} pipeline (random weights) written to {save_tiny_pipeline(args.out_dir, args.arch, args.seed)}")
+
+
+def _inspect(args):
+    from .format import read_adapter
+
+    adapter = read_adapter(args.adapter)
+    print(f"file: {adapter.path}")
+    for key, value in adapter.metadata.items():
+        if key != "module_shapes":
+            print(f"  {key}: {value}")
+    counts: dict[str, list[int]] = {}
+    for key, A in adapter.tensors.items():
+        c = counts.setdefault(key.partition(".")[0], [0, 0])
+        c[0] += 1
+        c[1] += A.numel()
+    for component, (modules, params) in counts.items():
+        print(f"  {component}: {modules} modules, {params:,} parameters")
+    print(f"  total: {sum(c[1] for c in counts.values()):,} parameters")
+
+
+def _export(args):
+    from .export import export_diffusers, export_kohya
+
+    path = export_diffusers(args.adapter, args.out) if args.to == "diffusers" else export_kohya(args.adapter, args.out)
+    print(f"wrote {path}")
+
+
+def _merge(args):
+    from .export import merge_into_pipeline
+
+    print(f"merged pipeline written to {merge_into_pipeline(args.base, args.adapter, args.out, args.scale)}")
+
+
+def _generate(args):
+    from .generate import apply_adapter, find_adapter_file, render
+    from .pipelines import check_base_exists, load_pipeline
+
+    check_base_exists(args.base)
+    if args.adapter:
+        find_adapter_file(args.adapter)  # a wrong path fails before the base model loads
+    pipe = load_pipeline(args.base)
+    if args.adapter:
+        apply_adapter(pipe, args.adapter, args.scale)
+    image = render(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                   negative_prompt=args.negative_prompt, width=args.width, height=args.height)[0]
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps({k: v for k, v in vars(args).items() if k != "func"}))
+    image.save(args.out, pnginfo=info)
+    print(f"wrote {args.out}")
+
+
+def _demo(args):
+    from .demo import run_demo
+
+    files = run_demo(args.out_dir, steps=args.steps)
+    print("\ndemo finished. The tiny model has random weights: the images show the pipeline runs, not a dog.")
+    for name, path in files.items():
+        print(f"  {name:10s} {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="singlora", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("tiny-pipeline", help="build a small random-weight SD pipeline offline")
+    s.add_argument("out_dir")
+    s.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_tiny)
+
+    s = sub.add_parser("inspect", help="print an adapter file's metadata, modules and parameters")
+    s.add_argument("adapter")
+    s.set_defaults(func=_inspect)
+
+    s = sub.add_parser("export", help="convert a SingLoRA file to a standard LoRA file")
+    s.add_argument("adapter")
+    s.add_argument("--to", choices=["diffusers", "kohya"], required=True)
+    s.add_argument("out", help="diffusers: an output folder; kohya: an output .safetensors file")
+    s.set_defaults(func=_export)
+
+    s = sub.add_parser("merge", help="write a full diffusers pipeline with the adapter folded in")
+    s.add_argument("--base", required=True, help="hub id or local diffusers folder")
+    s.add_argument("--adapter", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--scale", type=float, default=1.0)
+    s.set_defaults(func=_merge)
+
+    s = sub.add_parser("generate", help="render an image, with or without an adapter")
+    s.add_argument("--base", required=True, help="hub id or local diffusers folder")
+    s.add_argument("--adapter", help="SingLoRA file, diffusers/kohya LoRA file, or a training output folder")
+    s.add_argument("--scale", type=float, default=1.0, help="adapter strength")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--negative_prompt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--width", type=int)
+    s.add_argument("--height", type=int)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_generate)
+
+    s = sub.add_parser("demo", help="the offline end-to-end demo (tiny model, bundled subject)")
+    s.add_argument("--out_dir", default="outputs/demo")
+    s.add_argument("--steps", type=int, default=300)
+    s.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # User mistakes get one readable line, not a traceback.
+        print(f"singlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

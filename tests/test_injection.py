@@ -1,0 +1,127 @@
+"""Injection into real SD architectures: counts, freezing, refusal, exact removal, baselines."""
+import pytest
+import torch
+from torch import nn
+
+from singlora_diffusion import AdapterConfig, inject_singlora, remove_singlora, singlora_modules, singlora_parameters
+from singlora_diffusion.pipelines import inject_adapters, pipeline_components
+from singlora_diffusion.reference_configs import UNET_CONFIGS
+
+
+def meta_unet(arch):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**UNET_CONFIGS[arch])
+
+
+def test_sd15_paper_preset_counts():
+    unet = meta_unet("sd15")
+    names = inject_singlora(unet, "paper", rank=8)
+    modules = singlora_modules(unet)
+    assert len(names) == len(modules) == 64
+    non_square = [n for n, m in modules.items() if m.d_in != m.d_out]
+    assert len(non_square) == 16 and all(n.endswith("attn2.to_k") for n in non_square)
+    assert sum(p.numel() for p in singlora_parameters(unet)) == 422_400
+
+
+def test_sd15_paper_preset_lora_baseline_count():
+    from singlora_diffusion.baselines import inject_peft, peft_parameters
+
+    unet = meta_unet("sd15")
+    names = inject_peft(unet, "paper", rank=8)
+    assert len(names) == 64
+    assert sum(p.numel() for p in peft_parameters(unet)) == 797_184
+    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == 797_184
+
+
+def test_sd15_attn_preset_counts_128():
+    assert len(inject_singlora(meta_unet("sd15"), "attn", rank=8)) == 128
+
+
+def test_sdxl_attn_preset_counts_560():
+    assert len(inject_singlora(meta_unet("sdxl"), "attn", rank=8)) == 560
+
+
+def test_patterns_suffixes_and_regexes():
+    unet = meta_unet("sd15")
+    assert len(inject_singlora(unet, ["attn2.to_k"], rank=4)) == 16
+    unet = meta_unet("sd15")
+    names = inject_singlora(unet, [r"down_blocks\.0\..*\.to_q"], rank=4)
+    assert len(names) == 4 and all(n.startswith("down_blocks.0.") for n in names)
+
+
+def test_unknown_preset_and_no_match_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown unet target preset 'qk'.*attn, paper"):
+        inject_singlora(meta_unet("sd15"), "qk", rank=4)
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        inject_singlora(meta_unet("sd15"), ["nope_proj", "x"], rank=4)
+    with pytest.raises(ValueError, match="adapter must be one of"):
+        AdapterConfig(adapter="ia3")
+
+
+def test_text_encoder_targets_and_only_A_trains(tiny_pipeline_dir):
+    from singlora_diffusion.pipelines import load_pipeline
+
+    pipe = load_pipeline(tiny_pipeline_dir("sd15"))
+    components = pipeline_components(pipe)
+    injected = inject_adapters(components, AdapterConfig(rank=4, text_encoder_target_modules="attn"))
+    assert len(injected["text_encoder"]) == 4 * pipe.text_encoder.config.num_hidden_layers
+    for model in components.values():
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(n.endswith("singlora_A") for n in trainable)
+
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, cross_attention_dim=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4), norm_num_groups=32)
+
+
+def test_inject_twice_is_refused():
+    unet = _tiny_unet()
+    inject_singlora(unet, "attn", rank=2)
+    with pytest.raises(RuntimeError, match="already has SingLoRA adapters"):
+        inject_singlora(unet, "paper", rank=2)
+
+
+def test_remove_restores_original_modules_exactly():
+    unet = _tiny_unet()
+    originals = {n: m for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    processors = {k: type(v) for k, v in unet.attn_processors.items()}
+    names = inject_singlora(unet, "attn", rank=2)
+    # diffusers' attention processors (SDPA) are left alone
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == processors
+    for m in singlora_modules(unet).values():
+        m.singlora_step.fill_(1)
+    unet.train()
+    x = torch.randn(1, 4, 8, 8)
+    unet(x, 10, torch.randn(1, 3, 16)).sample.sum().backward()
+    singlora_modules(unet)[names[0]].merge()  # a merged layer is unmerged before removal
+    remove_singlora(unet)
+    assert not singlora_modules(unet)
+    assert all(unet.get_submodule(n) is originals[n] for n in names)
+    after = unet.state_dict()
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=1e-6 if k.startswith(names[0]) else 0)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_peft_baselines_use_the_same_targets(adapter):
+    from singlora_diffusion.baselines import peft_parameters
+
+    ours, theirs = _tiny_unet(), _tiny_unet()
+    names = inject_singlora(ours, "attn", rank=2)
+    injected = inject_adapters({"unet": theirs}, AdapterConfig(adapter=adapter, rank=2))
+    assert injected["unet"] == names
+    lora_modules = sorted({n.rsplit(".lora_", 1)[0] for n, _ in theirs.named_parameters() if ".lora_" in n})
+    assert lora_modules == sorted(names)
+    assert all(p.requires_grad for p in peft_parameters(theirs))
+    assert {n for n, p in theirs.named_parameters() if p.requires_grad} == {
+        n for n, _ in theirs.named_parameters() if ".lora_" in n}
