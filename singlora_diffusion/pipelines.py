@@ -50,8 +50,15 @@ def check_base_exists(base: str | os.PathLike) -> None:
             raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json); "
                                     f"pass a folder written by save_pretrained or a hub id")
         return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(base))
+    except HFValidationError:
+        raise FileNotFoundError(f"base model {base}: no such folder, and not a hub id like "
+                                f"'runwayml/stable-diffusion-v1-5'") from None
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(str(base), "model_index.json"), str):
             raise FileNotFoundError(f"base model {base!r} is not a local folder and not in the Hugging Face "

@@ -55,10 +55,10 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=77)
 
 
-def _text_encoder(with_projection: bool, seed: int):
+def _text_encoder(with_projection: bool, seed: int, width: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+    config = CLIPTextConfig(hidden_size=width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
                             vocab_size=49408, max_position_embeddings=77, projection_dim=32,
                             bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID, hidden_act="gelu")
     torch.manual_seed(seed)
@@ -88,24 +88,27 @@ def build_tiny_pipeline(arch: str = "sd15", seed: int = 0):
 
     if arch == "sd15":
         torch.manual_seed(seed)
+        # Text width 48 between the block widths 32 and 64: the cross-attention to_k/to_v
+        # layers are non-square both ways (48 -> 32 and 48 -> 64), as in real models.
         unet = UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32)
+            down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+            cross_attention_dim=48, attention_head_dim=(2, 4), norm_num_groups=32)
         return StableDiffusionPipeline(
-            vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2), tokenizer=clip_tokenizer(), unet=unet,
+            vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2, 48), tokenizer=clip_tokenizer(), unet=unet,
             scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if arch == "sdxl":
         torch.manual_seed(seed)
-        # Micro-conditioning: 6 time ids × addition_time_embed_dim + text_encoder_2's pooled projection.
+        # Micro-conditioning: 6 time ids × addition_time_embed_dim + text_encoder_2's pooled projection (32).
+        # Cross-attention sees both encoders' states concatenated: 32 + 48 = 80 -> 64 (non-square).
         unet = UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=32)
+            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 48, norm_num_groups=32)
         return StableDiffusionXLPipeline(
-            vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2), text_encoder_2=_text_encoder(True, seed + 3),
+            vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2, 32), text_encoder_2=_text_encoder(True, seed + 3, 48),
             tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
             force_zeros_for_empty_prompt=False)
     raise ValueError(f"unknown tiny pipeline arch {arch!r}: choose sd15 or sdxl")
