@@ -59,7 +59,10 @@ def lowrank_factors(A: torch.Tensor, d_out: int, d_in: int, coef: torch.Tensor |
     up = coef · A[:d_out]  (d_out, r),   down = A[:d_in]ᵀ  (r, d_in),
     coef = (α/r) · u(t) · scale. Export to diffusers/kohya LoRA writes these.
     """
-    return A[:d_out] * coef, A[:d_in].t()
+    # A slice covering all of A would still add a SliceBackward (and a zeroed
+    # (n, r) gradient buffer) per layer and step; square layers skip it.
+    rows = lambda d: A if d == A.shape[0] else A[:d]
+    return rows(d_out) * coef, rows(d_in).t()
 
 
 def delta_weight(A: torch.Tensor, d_out: int, d_in: int, coef: torch.Tensor | float) -> torch.Tensor:
