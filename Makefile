@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/singlora demo --out_dir outputs/demo
+	$(PY) train_dreambooth.py --config configs/demo.yaml
 
 test: venv
 	$(PY) -m pytest -q

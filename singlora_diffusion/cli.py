@@ -63,15 +63,6 @@ def _generate(args):
     print(f"wrote {args.out}")
 
 
-def _demo(args):
-    from .demo import run_demo
-
-    files = run_demo(args.out_dir, steps=args.steps)
-    print("\ndemo finished. The tiny model has random weights: the images show the pipeline runs, not a dog.")
-    for name, path in files.items():
-        print(f"  {name:10s} {path}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="singlora", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,10 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=_generate)
 
-    s = sub.add_parser("demo", help="the offline end-to-end demo (tiny model, bundled subject)")
-    s.add_argument("--out_dir", default="outputs/demo")
-    s.add_argument("--steps", type=int, default=300)
-    s.set_defaults(func=_demo)
     return p
 
 

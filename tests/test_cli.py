@@ -86,13 +86,3 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["merge", "--base", str(tmp_path / "empty"), "--adapter", "x", "--out", "y"]) == 2
     assert "no SingLoRA adapter at x" in capsys.readouterr().err
-
-
-def test_demo_runs_end_to_end(tmp_path):
-    from singlora_diffusion.demo import run_demo
-
-    files = run_demo(tmp_path, steps=4)
-    assert read_adapter(files["adapter"]).step == 4
-    assert files["diffusers"].name == "pytorch_lora_weights.safetensors" and files["kohya"].is_file()
-    grid = Image.open(files["samples"])
-    assert grid.size == (128, 64)

@@ -1,0 +1,1 @@
+"""The DreamBooth trainer, in importable phases: config -> build -> fit -> save."""

@@ -1,0 +1,105 @@
+"""What one micro-batch is made of: which images, their latents, their prompt embeddings.
+
+Everything random in a micro-batch (which images, crop, flip, noise, timesteps)
+is drawn after `seed_position` seeds the RNG from (seed, micro-batch index,
+rank). A run resumed from a checkpoint, or restarted after a crash, therefore
+draws exactly what the uninterrupted run drew; the data position is just the
+micro-batch index.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import torch
+
+from .data import augmentations_are_deterministic, image_transform, load_image
+
+
+def seed_position(seed: int, micro_step: int, rank: int) -> None:
+    digest = hashlib.sha256(f"{seed}/{micro_step}/{rank}".encode()).digest()
+    s = int.from_bytes(digest[:8], "little") % (2 ** 63)
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+def sample_indices(n: int, micro_step: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
+    """Indices of this rank's images: a seeded permutation per epoch, sharded across ranks.
+
+    The global sample stream is s = (micro_step·world + rank)·batch + j, so
+    each process sees a disjoint shard and a changed process count keeps the
+    position (samples seen) when resuming.
+    """
+    out = []
+    for j in range(batch):
+        s = (micro_step * world + rank) * batch + j
+        epoch, pos = divmod(s, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+class LatentSource:
+    """VAE latents of image i, encoded once when the augmentation allows it.
+
+    With a center crop the only randomness is the flip, so both orientations
+    are cached; a random crop differs every time and is encoded every step.
+    The cache keeps the latent distribution (mean, std) and a fresh sample is
+    drawn per step, as without caching.
+    """
+
+    def __init__(self, vae, paths: list[Path], resolution: int, center_crop: bool, random_flip: bool,
+                 cache: bool):
+        self.vae, self.paths, self.random_flip = vae, paths, random_flip
+        self.transform = image_transform(resolution, center_crop, random_flip=False)  # flip is ours
+        self.cached = cache and augmentations_are_deterministic(center_crop, False)
+        self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.cached:
+            for i in range(len(paths)):
+                for flip in ((False, True) if random_flip else (False,)):
+                    self.cache[(i, flip)] = self._encode(self._pixels(i, flip))
+
+    def _pixels(self, i: int, flip: bool) -> torch.Tensor:
+        pixels = self.transform(load_image(self.paths[i]))
+        return pixels.flip(-1) if flip else pixels
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor):
+        dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.mean[0], dist.std[0]
+
+    def get(self, indices: list[int]) -> torch.Tensor:
+        out = []
+        for i in indices:
+            flip = self.random_flip and bool(torch.rand(()) < 0.5)
+            mean, std = self.cache[(i, flip)] if self.cached else self._encode(self._pixels(i, flip))
+            out.append(mean + std * torch.randn(mean.shape).to(mean.device, mean.dtype))
+        return torch.stack(out) * self.vae.config.scaling_factor
+
+
+class PromptEncoder:
+    """Prompt embeddings through the pipeline's own encode_prompt (SD and SDXL alike).
+
+    When no text encoder trains, each prompt is encoded once and reused.
+    """
+
+    def __init__(self, pipe, cache: bool):
+        self.pipe, self.cache_enabled = pipe, cache
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self.cache: dict[str, tuple] = {}
+
+    def _encode(self, prompt: str):
+        if self.sdxl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt, device=self.pipe.device, num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=False)
+            return embeds, pooled
+        return self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)[0], None
+
+    def get(self, prompt: str):
+        if not self.cache_enabled:
+            return self._encode(prompt)
+        if prompt not in self.cache:
+            with torch.no_grad():
+                self.cache[prompt] = self._encode(prompt)
+        return self.cache[prompt]

@@ -1,0 +1,155 @@
+"""Phase 1-2 of training: check the inputs (before any model loads), then build the models."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..baselines import peft_parameters
+from ..inject import singlora_parameters
+from ..pipelines import check_base_exists, inject_adapters, load_pipeline, pipeline_components
+from ..targets import COMPONENT_KIND, find_targets, resolve_patterns
+from .config import TrainConfig
+
+TINY_PREFIX = "tiny:"
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_base(name: str) -> str:
+    """`tiny:sd15` / `tiny:sdxl` -> a random-weight test pipeline built once under the cache folder."""
+    if not name.startswith(TINY_PREFIX):
+        return name
+    from ..tiny import save_tiny_pipeline
+
+    arch = name[len(TINY_PREFIX):]
+    cache = Path(os.environ.get("SINGLORA_CACHE", Path.home() / ".cache" / "singlora_diffusion"))
+    folder = cache / f"tiny-{arch}"
+    if not (folder / "model_index.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache))  # built aside, then renamed: never seen half-written
+        save_tiny_pipeline(tmp, arch)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def check_output_dir(path: str | Path) -> None:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--output_dir {path} is not writable ({e.strerror}); choose another folder") from None
+
+
+@dataclass
+class Inputs:
+    """What validation found: usable image files and the resolved base."""
+    base: str
+    instance_images: list[Path]
+    class_images: list[Path] = field(default_factory=list)
+
+
+def validate(cfg: TrainConfig) -> Inputs:
+    """Every check that needs no model: images, output folder, base, presets. Raises one clear error."""
+    from .data import check_sizes, scan_images
+
+    images = scan_images(cfg.instance_data_dir, role="instance")
+    check_sizes(images, cfg.resolution)
+    check_output_dir(cfg.output_dir)
+    resolve_patterns(cfg.target_modules, "unet")
+    base = resolve_base(cfg.pretrained_model_name_or_path)
+    check_base_exists(base)
+    class_images: list[Path] = []
+    if cfg.with_prior_preservation:
+        Path(cfg.class_data_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            class_images = scan_images(cfg.class_data_dir, role="class")
+        except ValueError:
+            class_images = []  # none yet: they will be generated
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes "
+                              "(CUDA GPUs only), or drop the flag") from None
+    return Inputs(base, images, class_images)
+
+
+def check_rank_fits(model: nn.Module, cfg: TrainConfig, kind: str, targets) -> None:
+    """A rank larger than a target layer is refused before any adapter is built."""
+    layers = {name: model.get_submodule(name) for name in find_targets(model, targets, kind)}
+    for name, layer in layers.items():
+        d_out, d_in = layer.weight.shape
+        if cfg.rank > min(d_in, d_out):
+            raise ValueError(f"--rank {cfg.rank} is larger than layer {name} (Linear({d_in} -> {d_out})) allows "
+                             f"({min(d_in, d_out)}); choose --rank <= {min(d_in, d_out)}")
+
+
+@dataclass
+class Trainee:
+    pipe: object
+    components: dict[str, nn.Module]
+    trained: dict[str, nn.Module]          # the components that carry adapters
+    weight_dtype: torch.dtype
+    ramp_up_steps: int
+    adapter: str = "singlora"
+
+    def parameters(self) -> list[nn.Parameter]:
+        pick = singlora_parameters if self.adapter == "singlora" else peft_parameters
+        return [p for model in self.trained.values() for p in pick(model)]
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """"component.param_name" -> adapter parameter, a stable key for checkpoints."""
+        wanted = set(map(id, self.parameters()))
+        return {f"{c}.{n}": p for c, model in self.trained.items()
+                for n, p in model.named_parameters() if id(p) in wanted}
+
+
+def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
+    """Load the base, freeze it in the training dtype, add adapters (kept in float32)."""
+    weight_dtype = DTYPES[cfg.mixed_precision]
+    pipe = load_pipeline(inputs.base)
+    components = pipeline_components(pipe)
+    plan = {"unet": cfg.target_modules}
+    if cfg.train_text_encoder:
+        plan.update({c: cfg.text_encoder_target_modules for c in components if c != "unet"})
+    for component, targets in plan.items():
+        check_rank_fits(components[component], cfg, COMPONENT_KIND[component], targets)
+    adapter_cfg = cfg if cfg.train_text_encoder else _unet_only(cfg)
+    ramp_up_steps = cfg.resolved_ramp_up_steps(cfg.max_train_steps)
+    for model in [pipe.vae, *components.values()]:
+        model.requires_grad_(False)
+    inject_adapters(components, adapter_cfg, ramp_up_steps)
+    # The frozen base goes to the training dtype; SingLoRA's A refuses the cast
+    # (layer._apply) and PEFT's LoRA weights are put back to float32 below.
+    pipe.to(device, dtype=weight_dtype)
+    trained = {c: components[c] for c in plan}
+    trainee = Trainee(pipe, components, trained, weight_dtype, ramp_up_steps, cfg.adapter)
+    for p in trainee.parameters():
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            for c in plan:
+                if c != "unet":
+                    components[c].gradient_checkpointing_enable()
+    return trainee
+
+
+def _unet_only(cfg: TrainConfig):
+    import dataclasses
+
+    from ..config import AdapterConfig
+
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(AdapterConfig)}
+    return AdapterConfig(**{**fields, "text_encoder_target_modules": None})

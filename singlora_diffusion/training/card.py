@@ -1,0 +1,86 @@
+"""The model card README.md and the sample grid written beside a trained adapter."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from .build import Trainee
+from .config import TrainConfig
+
+
+def sample_grid(images, columns: int = 4):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (w * min(columns, len(images)), h * rows), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+@contextlib.contextmanager
+def adapters_off(trainee: Trainee):
+    """Render the base model: SingLoRA at scale 0, PEFT adapters disabled."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ..inject import adapter_scale
+
+    with contextlib.ExitStack() as stack:
+        peft_layers = [m for model in trainee.trained.values() for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        for model in trainee.trained.values():
+            stack.enter_context(adapter_scale(model, 0.0))
+        for m in peft_layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m in peft_layers:
+                m.enable_adapters(True)
+
+
+def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path) -> dict:
+    """README.md + samples.png: the base model (top row) and the adapted one (bottom), same seeds."""
+    from ..generate import render
+
+    prompt = cfg.validation_prompt or cfg.instance_prompt
+    for m in trainee.trained.values():
+        m.eval()
+    settings = dict(seed=cfg.seed, steps=cfg.validation_inference_steps, num_images=cfg.num_validation_images,
+                    width=cfg.resolution, height=cfg.resolution)
+    with adapters_off(trainee):
+        before = render(trainee.pipe, prompt, **settings)
+    after = render(trainee.pipe, prompt, **settings)
+    grid_path = output_dir / "samples.png"
+    sample_grid(before + after, columns=len(before)).save(grid_path)
+    native = "singlora_weights.safetensors" if cfg.adapter == "singlora" else None
+    text = f"""---
+base_model: {cfg.pretrained_model_name_or_path}
+instance_prompt: {cfg.instance_prompt}
+tags: [stable-diffusion, dreambooth, {cfg.adapter}, singlora-diffusion]
+---
+# {cfg.adapter} DreamBooth adapter
+
+Trained with singlora-diffusion `train_dreambooth.py` on
+`{cfg.pretrained_model_name_or_path}` for {cfg.max_train_steps} steps.
+
+- instance prompt: `{cfg.instance_prompt}`
+- adapter: {cfg.adapter}, rank {cfg.rank}, alpha {cfg.alpha:g}, targets `{cfg.target_modules}`
+  {"(text encoders: `" + str(cfg.text_encoder_target_modules) + "`)" if cfg.train_text_encoder else ""}
+- learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}), batch {cfg.train_batch_size} x
+  {cfg.gradient_accumulation_steps}, resolution {cfg.resolution}, precision {cfg.mixed_precision}, seed {cfg.seed}
+- full settings: `config.yaml`
+
+## Use
+
+```python
+pipe.load_lora_weights("{output_dir}")   # diffusers: pytorch_lora_weights.safetensors
+```
+{"" if native is None else f"or the native file with `singlora generate --adapter {output_dir / native}`."}
+
+## Samples: `{prompt}` (top: base model, bottom: with the adapter; same seeds)
+
+![samples](samples.png)
+"""
+    (output_dir / "README.md").write_text(text)
+    return {"model_card": output_dir / "README.md", "samples": grid_path}

@@ -1,0 +1,203 @@
+"""Phase 3: the training loop, checkpoints, validation, Ctrl-C and NaN handling."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..inject import attach_ramp, singlora_modules
+from ..layer import ramp
+from .batches import LatentSource, PromptEncoder, sample_indices, seed_position
+from .build import Inputs, Trainee
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .loss import add_noise, dreambooth_loss, per_sample_loss, target_of
+from .weights import read_weights, write_weights
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class FitResult:
+    step: int
+    last_checkpoint: Path | None
+    interrupted: bool = False
+    validation_images: list[Path] | None = None
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _u(trainee: Trainee) -> float:
+    if trainee.adapter != "singlora":
+        return 1.0
+    m = next(iter(singlora_modules(trainee.pipe.unet).values()))
+    return float(ramp(m.singlora_step, m.ramp_up_steps))
+
+
+def _time_ids(resolution: int, n: int, device, dtype) -> torch.Tensor:
+    # SDXL micro-conditioning (original size, crop top-left, target size): images are
+    # resized so the short side is `resolution` and cropped square to it.
+    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * n, device=device, dtype=dtype)
+
+
+def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=print) -> FitResult:
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    pipe, unet, device = trainee.pipe, trainee.pipe.unet, accelerator.device
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if cfg.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    instance = LatentSource(pipe.vae, inputs.instance_images, cfg.resolution, cfg.center_crop, cfg.random_flip,
+                            cfg.cache_latents)
+    prior = (LatentSource(pipe.vae, inputs.class_images, cfg.resolution, cfg.center_crop, cfg.random_flip,
+                          cfg.cache_latents) if cfg.with_prior_preservation else None)
+    prompts = PromptEncoder(pipe, cache=cfg.cache_text_embeddings and not cfg.train_text_encoder)
+
+    params = trainee.parameters()
+    optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, params))
+    # The scheduler is stepped by hand once per optimizer step, so its step count
+    # does not depend on the number of processes.
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=getattr(optimizer, "optimizer", optimizer),
+                                 num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps,
+                                 num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+    if trainee.adapter == "singlora":
+        attach_ramp(optimizer, *trainee.trained.values())  # after prepare: hooks the inner optimizer
+
+    output_dir = Path(cfg.output_dir)
+    write = lambda folder: write_weights(trainee, folder, cfg.pretrained_model_name_or_path, cfg)
+    step, last_ckpt = 0, None
+    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        state = load_checkpoint(resume, lambda f: read_weights(trainee, f), optimizer, lr_scheduler)
+        step, last_ckpt = state["step"], resume
+        log(f"resumed from {resume} at step {step} (saved by {state.get('num_processes', 1)} process(es))")
+
+    def checkpoint(at: int) -> Path | None:
+        accelerator.wait_for_everyone()
+        path = None
+        if accelerator.is_main_process:
+            path = save_checkpoint(output_dir, at, write, optimizer, lr_scheduler,
+                                   {"micro_steps": at * cfg.gradient_accumulation_steps, "seed": cfg.seed,
+                                    "num_processes": world}, cfg.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+        return path or output_dir / f"checkpoint-{at}"
+
+    n_inst, bs = len(inputs.instance_images), cfg.train_batch_size
+    models = list(trainee.trained.values())
+    for m in models:
+        m.train()
+    bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_local_main_process,
+               desc="training", unit="step")
+    validation_images: list[Path] = []
+    started = time.perf_counter()
+    try:
+        while step < cfg.max_train_steps:
+            logs = {}
+            for micro in range(cfg.gradient_accumulation_steps):
+                position = step * cfg.gradient_accumulation_steps + micro
+                seed_position(cfg.seed, position, rank)
+                with accelerator.accumulate(unet):
+                    ids = sample_indices(n_inst, position, bs, rank, world, cfg.seed)
+                    latents = instance.get(ids)
+                    texts = [cfg.instance_prompt] * bs
+                    if prior is not None:
+                        latents = torch.cat([latents, prior.get(sample_indices(len(inputs.class_images), position,
+                                                                               bs, rank, world, cfg.seed + 1))])
+                        texts += [cfg.class_prompt] * bs
+                    latents = latents.to(device, trainee.weight_dtype)
+                    embeds, pooled = zip(*(prompts.get(t) for t in texts))
+                    noisy, noise, timesteps = add_noise(noise_scheduler, latents, cfg.noise_offset)
+                    cond = {}
+                    if pooled[0] is not None:
+                        cond = {"added_cond_kwargs": {"text_embeds": torch.cat(pooled),
+                                                      "time_ids": _time_ids(cfg.resolution, len(texts), device,
+                                                                            trainee.weight_dtype)}}
+                    with accelerator.autocast():
+                        pred = unet(noisy, timesteps, torch.cat(embeds), **cond).sample
+                    per_sample = per_sample_loss(pred, target_of(noise_scheduler, latents, noise, timesteps),
+                                                 noise_scheduler, timesteps, cfg.snr_gamma)
+                    loss, logs = dreambooth_loss(per_sample, bs, cfg.prior_loss_weight)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"loss became {loss.item()} at step {step + 1}; training stopped. The last good "
+                            f"checkpoint is {last_ckpt or 'none (no checkpoint written yet)'}. Lower "
+                            f"--learning_rate or use --mixed_precision bf16/no, then resume from it.")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if world > 1:  # adapters are small: one all-reduce of their gradients
+                            for p in params:
+                                p.grad = accelerator.reduce(p.grad, reduction="mean")
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            step += 1
+            logs.update(lr=lr_scheduler.get_last_lr()[0], u=_u(trainee))
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+            accelerator.log(logs, step=step)
+            if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+                last_ckpt = checkpoint(step)
+            if cfg.validation_prompt and step % cfg.validation_steps == 0:
+                validation_images = validate_images(cfg, trainee, accelerator, step)
+    except KeyboardInterrupt:
+        bar.close()
+        last_ckpt = checkpoint(step) if step > 0 else last_ckpt
+        log(f"\ninterrupted at step {step}; checkpoint: {last_ckpt}. Resume with the same command plus "
+            f"--resume_from_checkpoint latest")
+        return FitResult(step, last_ckpt, interrupted=True, validation_images=validation_images)
+    bar.close()
+    log(f"trained {step} steps in {time.perf_counter() - started:.0f} s")
+    return FitResult(step, last_ckpt, validation_images=validation_images)
+
+
+@torch.no_grad()
+def validate_images(cfg: TrainConfig, trainee: Trainee, accelerator, step: int) -> list[Path]:
+    """Render the validation prompt with the model being trained, in place.
+
+    Nothing is cast or copied: the trained modules keep their dtypes (the bug
+    where diffusers' scripts cast LoRA layers to fp16 for validation and then
+    fail to train on).
+    """
+    from ..generate import render
+
+    if not accelerator.is_main_process:
+        return []
+    models = list(trainee.trained.values())
+    for m in models:
+        m.eval()
+    images = render(trainee.pipe, cfg.validation_prompt, seed=cfg.seed, steps=cfg.validation_inference_steps,
+                    num_images=cfg.num_validation_images, width=cfg.resolution, height=cfg.resolution)
+    for m in models:
+        m.train()
+    folder = Path(cfg.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(folder / f"step-{step:06d}-{i}.png")
+        image.save(paths[-1])
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step,
+                                      dataformats="NHWC")
+    return paths
+

@@ -1,0 +1,128 @@
+"""train(cfg): validate -> build -> (class images) -> fit -> save. What train_dreambooth.py calls."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from .build import Inputs, Trainee, build, validate
+from .config import TrainConfig
+from .loop import fit
+from .weights import write_final
+
+
+def generate_class_images(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> None:
+    """Top the class folder up to num_class_images with the base model (adapters off).
+
+    Existing images are kept, so an interrupted generation resumes where it stopped.
+    """
+    from ..generate import render
+    from ..inject import adapter_scale
+    from .data import scan_images
+
+    missing = cfg.num_class_images - len(inputs.class_images)
+    if missing > 0 and accelerator.is_main_process:
+        folder = Path(cfg.class_data_dir)
+        print(f"generating {missing} class images for '{cfg.class_prompt}' in {folder}")
+        start = len(inputs.class_images)
+        with adapter_scale(trainee.pipe.unet, 0.0):  # the base model's prior, not the fresh adapter's
+            for first in range(start, cfg.num_class_images, cfg.sample_batch_size):
+                n = min(cfg.sample_batch_size, cfg.num_class_images - first)
+                images = render(trainee.pipe, cfg.class_prompt, seed=cfg.seed * 1_000_003 + first,
+                                steps=cfg.validation_inference_steps, num_images=n,
+                                width=cfg.resolution, height=cfg.resolution)
+                for i, image in enumerate(images):
+                    tmp = folder / f".class-{first + i:05d}.png"
+                    image.save(tmp)
+                    os.replace(tmp, folder / f"class-{first + i:05d}.png")
+    accelerator.wait_for_everyone()
+    if cfg.with_prior_preservation:
+        inputs.class_images = scan_images(cfg.class_data_dir, role="class")[: cfg.num_class_images]
+
+
+def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> str:
+    n_params = sum(p.numel() for p in trainee.parameters())
+    lines = [
+        "=" * 72,
+        f" base        {cfg.pretrained_model_name_or_path} ({type(trainee.pipe).__name__})",
+        f" adapter     {cfg.adapter}, rank {cfg.rank}, alpha {cfg.alpha:g}, ramp T = {trainee.ramp_up_steps} steps",
+        f" targets     unet: {cfg.target_modules}"
+        + (f"; text encoders: {cfg.text_encoder_target_modules}" if cfg.train_text_encoder else ""),
+        f" trainable   {n_params:,} parameters",
+        f" images      {len(inputs.instance_images)} instance ({cfg.instance_data_dir})"
+        + (f", {len(inputs.class_images)} class" if cfg.with_prior_preservation else ""),
+        f" steps       {cfg.max_train_steps} x batch {cfg.train_batch_size} x accumulation "
+        f"{cfg.gradient_accumulation_steps} x {accelerator.num_processes} process(es), lr {cfg.learning_rate:g}",
+        f" precision   base {cfg.mixed_precision}, adapter float32; seed {cfg.seed}",
+        f" output      {cfg.output_dir}",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    # accelerate keeps its settings in process-wide singletons; a second train()
+    # in the same process (web UI, tests) may use another precision/accumulation.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+        cpu=not torch.cuda.is_available())
+
+
+def train(cfg: TrainConfig) -> dict[str, Path]:
+    """The whole job; returns the files written (empty on an interrupted run)."""
+    from .card import write_model_card
+
+    inputs = validate(cfg)  # before any model is loaded
+    if cfg.seed is None:
+        cfg.seed = random.SystemRandom().randrange(2 ** 31)  # drawn once, saved in config.yaml
+    accelerator = make_accelerator(cfg)
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        (output_dir / "config.yaml").write_text(cfg.to_yaml())
+    trainee = build(cfg, inputs, accelerator.device)
+    if cfg.with_prior_preservation:
+        generate_class_images(cfg, trainee, inputs, accelerator)
+    if accelerator.is_main_process:
+        print(summary(cfg, trainee, inputs, accelerator))
+    accelerator.init_trackers("singlora-dreambooth", config={k: v for k, v in vars(cfg).items()
+                                                             if isinstance(v, (int, float, str, bool))})
+    result = fit(cfg, trainee, inputs, accelerator)
+    files: dict[str, Path] = {}
+    if not result.interrupted and accelerator.is_main_process:
+        files = write_final(trainee, output_dir, cfg.pretrained_model_name_or_path, cfg)
+        files["config"] = output_dir / "config.yaml"
+        files["checkpoint"] = result.last_checkpoint
+        files.update(write_model_card(cfg, trainee, output_dir))
+        print("files written:")
+        for name, path in files.items():
+            print(f"  {name:11s} {path}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import parse_config
+
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
+        print(f"train_dreambooth.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0

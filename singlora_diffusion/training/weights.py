@@ -1,0 +1,81 @@
+"""Adapter weights of a run: write/read them in checkpoints, and the final outputs.
+
+SingLoRA runs write the native file (format.py); LoRA/DoRA baselines write
+PEFT's tensors under "component.parameter" keys, and for the final output
+diffusers' own LoRA writer, so `pipe.load_lora_weights(output_dir)` works for
+every adapter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..export import export_diffusers
+from ..format import WEIGHTS_NAME, read_adapter, save_adapter
+from ..generate import DIFFUSERS_LORA_NAME
+from ..inject import set_step, singlora_modules
+from ..targets import COMPONENT_KIND
+from .build import Trainee
+
+PEFT_NAME = "adapter_model.safetensors"
+
+
+def write_weights(trainee: Trainee, folder: Path, base_model: str, cfg) -> Path:
+    if trainee.adapter == "singlora":
+        return save_adapter(folder / WEIGHTS_NAME, trainee.trained, base_model, cfg.target_modules,
+                            cfg.text_encoder_target_modules if cfg.train_text_encoder else None)
+    from safetensors.torch import save_file
+
+    tensors = {k: p.detach().float().cpu().contiguous() for k, p in trainee.named_parameters().items()}
+    save_file(tensors, str(folder / PEFT_NAME), metadata={"adapter": trainee.adapter, "base_model": base_model})
+    return folder / PEFT_NAME
+
+
+@torch.no_grad()
+def read_weights(trainee: Trainee, folder: Path) -> None:
+    """Restore adapter tensors (and the SingLoRA ramp step) into the already-injected models."""
+    if trainee.adapter == "singlora":
+        adapter = read_adapter(folder / WEIGHTS_NAME)
+        from ..format import model_module_path
+
+        for component, entries in adapter.by_component().items():
+            model = trainee.trained[component]
+            modules = singlora_modules(model)
+            for path, A in entries.items():
+                modules[model_module_path(model, component, path)].singlora_A.copy_(A)
+            set_step(model, adapter.step)
+        return
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / PEFT_NAME))
+    params = trainee.named_parameters()
+    missing = sorted(set(params) - set(saved))
+    if missing:
+        raise ValueError(f"{folder / PEFT_NAME} lacks {len(missing)} adapter tensors, e.g. {missing[0]}; "
+                         f"was it written with other --adapter/--rank/--target_modules?")
+    for key, p in params.items():
+        p.copy_(saved[key])
+
+
+def write_final(trainee: Trainee, output_dir: Path, base_model: str, cfg) -> dict[str, Path]:
+    """The native file (SingLoRA) and pytorch_lora_weights.safetensors (every adapter)."""
+    if trainee.adapter == "singlora":
+        native = write_weights(trainee, output_dir, base_model, cfg)
+        return {"adapter": native, "diffusers": export_diffusers(native, output_dir)}
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    layers, metadata = {}, {}
+    for component, model in trainee.trained.items():
+        layers[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
+        # lora_alpha travels with the file: without it diffusers would assume alpha = r.
+        metadata[f"{component}_lora_adapter_metadata"] = {
+            "r": cfg.rank, "lora_alpha": cfg.alpha, "use_dora": cfg.adapter == "dora",
+            "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in layers[f"{component}_lora_layers"]})}
+    writer = StableDiffusionXLPipeline if "text_encoder_2" in trainee.components else StableDiffusionPipeline
+    writer.save_lora_weights(str(output_dir), **layers, **metadata)
+    return {"diffusers": output_dir / DIFFUSERS_LORA_NAME}
+
+
+__all__ = ["write_weights", "read_weights", "write_final", "COMPONENT_KIND"]

@@ -1,0 +1,216 @@
+"""train_dreambooth.py on the tiny pipelines: outputs, resume, faults, precision, features."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from singlora_diffusion.format import read_adapter
+from singlora_diffusion.pipelines import load_pipeline
+from singlora_diffusion.training import loop
+from singlora_diffusion.training.config import parse_config
+from singlora_diffusion.training.run import main, train
+
+from .train_helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def A_of(out) -> dict:
+    return load_file(str(Path(out) / "singlora_weights.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_outputs_layout_and_checkpoint_limit(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_pipeline_dir(), out, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2,
+                      ramp_up_steps=None)
+    files = train(cfg)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert not list(out.glob(".checkpoint-*"))  # no temporary folder left behind
+    adapter = read_adapter(files["adapter"])
+    assert adapter.step == 4 and adapter.ramp_up_steps == 1  # default T = 1 % of 4 steps, at least 1
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["seed"] == 0 and resolved["max_train_steps"] == 4 and resolved["rank"] == 2
+    assert "a photo of sks dog" in (out / "README.md").read_text() and (out / "samples.png").is_file()
+    pipe = load_pipeline(tiny_pipeline_dir())
+    pipe.load_lora_weights(str(out))  # the diffusers export just works
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_resume_from_checkpoint_equals_straight_run(tiny_pipeline_dir, tmp_path):
+    common = dict(max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, ramp_up_steps=4,
+                  random_flip=True)
+    straight = tmp_path / "straight"
+    train(tiny_config(tiny_pipeline_dir(), straight, **common))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    train(tiny_config(tiny_pipeline_dir(), resumed, resume_from_checkpoint="latest", **common))
+    assert read_adapter(resumed / "singlora_weights.safetensors").step == 6
+    assert max_diff(A_of(resumed), A_of(straight)) <= 1e-5
+    assert max_diff(A_of(resumed), load_file(str(straight / "checkpoint-3" / "singlora_weights.safetensors"))) > 1e-4
+
+
+def _cli(base, out, *extra):
+    return [sys.executable, str(ROOT / "train_dreambooth.py"), "--pretrained_model_name_or_path", str(base),
+            "--instance_data_dir", str(ROOT / "singlora_diffusion/assets/dog3"), "--instance_prompt",
+            "a photo of sks dog", "--output_dir", str(out), "--resolution", "64", "--center_crop", "--rank", "2",
+            "--learning_rate", "1e-3", "--seed", "0", "--report_to", "none", "--checkpointing_steps", "2",
+            "--num_validation_images", "1", "--validation_inference_steps", "2", *extra]
+
+
+def _wait_for(path: Path, proc, timeout=240):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.2)
+
+
+def test_kill_9_mid_run_then_resume_equals_straight_run(tiny_pipeline_dir, tmp_path):
+    base = tiny_pipeline_dir()
+    straight = tmp_path / "straight"
+    train(tiny_config(base, straight, max_train_steps=8, checkpointing_steps=2, ramp_up_steps=4))
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_cli(base, out, "--max_train_steps", "400", "--ramp_up_steps", "4"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _wait_for(out / "checkpoint-4" / "trainer_state.json", proc)
+    proc.send_signal(signal.SIGKILL)  # no cleanup of any kind
+    proc.wait()
+    train(tiny_config(base, out, max_train_steps=8, checkpointing_steps=2, ramp_up_steps=4,
+                      resume_from_checkpoint="latest"))
+    assert max_diff(A_of(out), A_of(straight)) <= 1e-5
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(tiny_pipeline_dir(), out, "--max_train_steps", "100000"),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for(out / "checkpoint-2" / "trainer_state.json", proc)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "--resume_from_checkpoint latest" in output
+    step = json.loads((sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+                       / "trainer_state.json").read_text())["step"]
+    assert step >= 2
+    assert not (out / "singlora_weights.safetensors").exists()  # final outputs only when finished
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tiny_pipeline_dir, tmp_path, monkeypatch):
+    real = loop.per_sample_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+    monkeypatch.setattr(loop, "per_sample_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(loop.TrainingDiverged, match="loss became nan at step 3.*checkpoint-2"):
+        train(tiny_config(tiny_pipeline_dir(), out, max_train_steps=5, checkpointing_steps=2))
+    assert read_adapter(out / "checkpoint-2" / "singlora_weights.safetensors").step == 2
+    assert not (out / "checkpoint-3").exists()
+
+
+def test_ramp_advances_once_per_optimizer_step_with_accumulation(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_pipeline_dir(), out, max_train_steps=3, gradient_accumulation_steps=3, ramp_up_steps=10,
+                      gradient_checkpointing=True))
+    assert read_adapter(out / "singlora_weights.safetensors").step == 3
+
+
+def test_bf16_base_validation_keeps_dtypes_and_training_goes_on(tiny_pipeline_dir, tmp_path, monkeypatch):
+    seen = []
+    real = loop.validate_images
+
+    def spy(cfg, trainee, accelerator, step):
+        paths = real(cfg, trainee, accelerator, step)
+        seen.append({p.dtype for p in trainee.parameters()} | {trainee.pipe.unet.conv_in.weight.dtype})
+        return paths
+    monkeypatch.setattr(loop, "validate_images", spy)
+    out = tmp_path / "run"
+    train(tiny_config(tiny_pipeline_dir(), out, mixed_precision="bf16", max_train_steps=3,
+                      validation_prompt="a photo of sks dog", validation_steps=1))
+    assert seen == [{torch.float32, torch.bfloat16}] * 3  # adapter fp32, base bf16, after every validation
+    assert len(list((out / "validation").glob("step-*.png"))) == 3
+    assert read_adapter(out / "singlora_weights.safetensors").step == 3
+
+
+def test_prior_preservation_generates_missing_class_images_once(tiny_pipeline_dir, tmp_path):
+    classes = tmp_path / "class"
+    cfg = dict(with_prior_preservation=True, class_data_dir=str(classes), class_prompt="a photo of dog",
+               num_class_images=3, sample_batch_size=2, max_train_steps=2)
+    train(tiny_config(tiny_pipeline_dir(), tmp_path / "a", **cfg))
+    made = sorted(classes.glob("*.png"))
+    assert len(made) == 3
+    stamps = [p.stat().st_mtime_ns for p in made]
+    train(tiny_config(tiny_pipeline_dir(), tmp_path / "b", **{**cfg, "num_class_images": 4}))
+    assert len(list(classes.glob("*.png"))) == 4
+    assert [p.stat().st_mtime_ns for p in made] == stamps  # existing ones kept
+
+
+def test_text_encoder_training_sdxl(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_pipeline_dir("sdxl"), out, train_text_encoder=True, max_train_steps=2))
+    keys = A_of(out).keys()
+    assert any(k.startswith("text_encoder.text_model.") for k in keys)
+    assert any(k.startswith("text_encoder_2.text_model.") for k in keys)
+    pipe = load_pipeline(tiny_pipeline_dir("sdxl"))
+    pipe.load_lora_weights(str(out))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_peft_baselines_write_the_same_layout(adapter, tiny_pipeline_dir, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / adapter
+    train(tiny_config(tiny_pipeline_dir(), out, adapter=adapter, alpha=4, max_train_steps=2, checkpointing_steps=1))
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file() and (out / "config.yaml").is_file()
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.lora_alpha"] == 4  # alpha is not lost
+    pipe = load_pipeline(tiny_pipeline_dir())
+    pipe.load_lora_weights(str(out))
+
+
+@pytest.mark.parametrize("extra", [dict(snr_gamma=5.0), dict(noise_offset=0.1), dict(prediction_type="v_prediction"),
+                                   dict(lr_scheduler="cosine", lr_warmup_steps=1), dict(random_flip=True,
+                                                                                        center_crop=False)])
+def test_loss_and_schedule_options_train(extra, tiny_pipeline_dir, tmp_path):
+    files = train(tiny_config(tiny_pipeline_dir(), tmp_path, max_train_steps=2, **extra))
+    assert read_adapter(files["adapter"]).step == 2
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tiny_pipeline_dir, tmp_path, capsys):
+    pytest.importorskip  # bitsandbytes is not installed here
+    assert main(["--pretrained_model_name_or_path", str(tiny_pipeline_dir()), "--instance_data_dir",
+                 str(ROOT / "singlora_diffusion/assets/dog3"), "--instance_prompt", "x", "--output_dir",
+                 str(tmp_path), "--use_8bit_adam"]) == 2
+    assert "needs bitsandbytes" in capsys.readouterr().err
+
+
+def test_yaml_and_flags(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("pretrained_model_name_or_path: tiny:sd15\ninstance_data_dir: x\ninstance_prompt: a sks dog\n"
+                      "rank: 4\nlearning_rate: 1.0e-3\n")
+    cfg = parse_config(["--config", str(config), "--rank", "16", "--center_crop"])
+    assert (cfg.rank, cfg.learning_rate, cfg.center_crop, cfg.alpha) == (16, 1e-3, True, 16.0)
+    config.write_text("rnak: 4\n")
+    with pytest.raises(ValueError, match="unknown setting.*rnak"):
+        parse_config(["--config", str(config)])

@@ -1,0 +1,245 @@
+"""training/data.py: every odd file a user's photo folder can hold, made here in tmp_path."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from singlora_diffusion.bundled import bundled_subject
+from singlora_diffusion.training.data import (
+    DreamBoothDataset, ImageFolderError, augmentations_are_deterministic, check_sizes, collate,
+    image_transform, load_image, scan_images)
+
+RED, WHITE = (255, 0, 0), (255, 255, 255)
+GRADIENT_16 = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(3, axis=0)
+
+
+def _halves(width=40, height=20) -> Image.Image:
+    """Left half black, right half white, a red block top-left: asymmetric both ways."""
+    a = np.zeros((height, width, 3), np.uint8)
+    a[:, width // 2:] = 255
+    a[: height // 2, : width // 4] = RED
+    return Image.fromarray(a)
+
+
+def _noise_jpeg(path, size=(64, 48)):
+    rng = np.random.default_rng(0)  # noise: a JPEG with many bytes, so half of it is truly cut
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=95)
+
+
+def _make_good(d):
+    Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(d / "cmyk.jpg")  # pure red in CMYK
+    Image.fromarray(GRADIENT_16).save(d / "gray16.png")
+    Image.new("L", (30, 20), 100).save(d / "gray.png")
+    p = Image.new("P", (20, 20), 0)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    p.paste(1, (0, 0, 10, 20))  # left half red (index 1), right half index 0, transparent
+    p.save(d / "palette.png", transparency=0)
+    rgba = np.zeros((20, 20, 4), np.uint8)  # fully transparent black...
+    rgba[:, :10] = (255, 0, 0, 255)  # ...except an opaque red left half
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    _halves().save(d / "rotated.jpg", exif=exif, quality=95)
+    _halves().save(d / "hündchen_狗.png")
+    return sorted(["cmyk.jpg", "gray16.png", "gray.png", "palette.png", "rgba.png", "rotated.jpg",
+                   "hündchen_狗.png"])
+
+
+def _make_bad(d):
+    _noise_jpeg(d / "whole.jpg")
+    data = (d / "whole.jpg").read_bytes()
+    (d / "whole.jpg").unlink()
+    (d / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (d / "zero.png").write_bytes(b"")
+    (d / "notes.txt").write_text("remember to crop")
+    (d / "fake.jpg").write_text("this is not a jpeg")
+    (d / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    _halves().save(d / ".hidden.png")  # a valid image, skipped for being hidden
+    (d / "more_photos").mkdir()
+    _halves().save(d / "more_photos" / "inside.png")  # not searched: non-recursive
+    return ["truncated.jpg", "zero.png", "notes.txt", "fake.jpg", ".DS_Store", ".hidden.png", "more_photos"]
+
+
+def _scan(folder, role="instance"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = scan_images(folder, role)
+    return paths, [w for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_scan_keeps_good_images_and_names_each_skipped_file_in_one_warning(tmp_path):
+    good, bad = _make_good(tmp_path), _make_bad(tmp_path)
+    paths, caught = _scan(tmp_path)
+    assert [p.name for p in paths] == good
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    for name in bad:
+        assert name in message
+    assert "inside.png" not in message and "--instance_data_dir" in message
+    assert "truncated.jpg: corrupt or truncated" in message and "zero.png: empty file" in message
+    assert ".hidden.png: hidden file" in message and "fake.jpg: not an image" in message
+
+
+def test_bundled_subject_scans_clean():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        paths = scan_images(bundled_subject())
+        check_sizes(paths, 384)
+    assert [p.name for p in paths] == [f"0{i}.jpg" for i in range(6)]
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "all_bad"])
+def test_unusable_folder_raises_with_folder_and_flag(tmp_path, case):
+    folder = tmp_path / "my_photos"
+    if case == "file":
+        folder.write_text("x")
+    elif case != "missing":
+        folder.mkdir()
+    if case == "all_bad":
+        (folder / "notes.txt").write_text("x")
+        (folder / "zero.jpg").write_bytes(b"")
+    with pytest.raises(ImageFolderError) as info, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error carries the detail; no extra warning
+        scan_images(folder, role="class")
+    message = str(info.value)
+    assert "my_photos" in message and "--class_data_dir" in message and "\n" not in message
+    if case == "all_bad":
+        assert "notes.txt" in message and "zero.jpg" in message
+
+
+def test_scan_rejects_unknown_role(tmp_path):
+    with pytest.raises(ValueError, match="role"):
+        scan_images(tmp_path, role="subject")
+
+
+def test_load_cmyk_l_and_non_ascii(tmp_path):
+    _make_good(tmp_path)
+    cmyk = np.asarray(load_image(tmp_path / "cmyk.jpg"), dtype=int)
+    assert np.abs(cmyk - RED).max() <= 8  # JPEG round trip, not the inverted colours of a bad CMYK path
+    assert np.asarray(load_image(tmp_path / "gray.png")).tolist()[0][0] == [100, 100, 100]
+    image = load_image(tmp_path / "hündchen_狗.png")
+    assert image.mode == "RGB" and image.size == (40, 20)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_load_16_bit_gray_scales_instead_of_clipping(tmp_path, mode):
+    source = Image.fromarray(GRADIENT_16)
+    if mode == "I":
+        source = source.convert("I")
+    path = tmp_path / ("g.png" if mode == "I;16" else "g.tif")  # Pillow 13 drops I-mode PNG writing
+    source.save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode
+    out = np.asarray(load_image(path))
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    assert out[0, :, 0].tolist() == [0, 1, 128, 255]  # 65535 -> 255, 32768 -> 128, not all 255
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_transparency_becomes_white(tmp_path):
+    _make_good(tmp_path)
+    for name in ("rgba.png", "palette.png"):
+        out = np.asarray(load_image(tmp_path / name))
+        assert out[:, :10].reshape(-1, 3).tolist() == [list(RED)] * 200, name
+        assert out[:, 10:].reshape(-1, 3).tolist() == [list(WHITE)] * 200, name
+    la = Image.fromarray(np.stack([np.full((4, 4), 0, np.uint8), np.full((4, 4), 0, np.uint8)], -1), "LA")
+    la.save(tmp_path / "la.png")
+    assert (np.asarray(load_image(tmp_path / "la.png")) == 255).all()  # transparent black -> white
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    _make_good(tmp_path)
+    path = tmp_path / "rotated.jpg"
+    with Image.open(path) as raw:  # the pixels as stored, before turning
+        stored = np.asarray(raw.convert("RGB"))
+    image = load_image(path)
+    assert image.size == (20, 40)  # width and height swapped
+    out = np.asarray(image)
+    assert (out == np.rot90(stored, k=-1)).all()  # turned clockwise, exactly
+    assert out[2, -3, 0] > 200 and out[2, -3, 1] < 60  # the red corner went from top-left to top-right
+
+
+def test_check_sizes_warns_once_naming_each_small_image(tmp_path):
+    Image.new("RGB", (300, 200)).save(tmp_path / "small.png")
+    Image.new("RGB", (100, 500)).save(tmp_path / "thin.png")
+    Image.new("RGB", (512, 400)).save(tmp_path / "big.png")
+    paths = sorted(tmp_path.iterdir())
+    with pytest.warns(UserWarning) as caught:
+        check_sizes(paths, 256)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "small.png upscaled from 300x200" in message and "thin.png upscaled from 100x500" in message
+    assert "big.png" not in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_sizes([tmp_path / "big.png"], 256)
+
+
+def test_transform_shape_range_and_centre_crop():
+    image = _halves(200, 100)  # short side 100 -> 64, width 128, centre crop keeps columns 32..96
+    out = image_transform(64, center_crop=True, random_flip=False)(image)
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+    assert torch.equal(out, image_transform(64, True, False)(image))  # deterministic
+    assert (out[:, 40:, :4] < -0.9).all() and (out[:, :, -4:] > 0.9).all()  # black left, white right
+    assert image_transform(64, True, False)(_halves(20, 10)).shape == (3, 64, 64)  # upscaled
+
+
+def test_random_flip_and_random_crop_vary():
+    image = _halves(200, 100)
+    plain = image_transform(64, True, False)(image)
+    flipping = image_transform(64, True, True)
+    outs = [flipping(image) for _ in range(20)]
+    assert all(torch.equal(o, plain) or torch.equal(o, plain.flip(-1)) for o in outs)
+    assert any(torch.equal(o, plain.flip(-1)) for o in outs) and any(torch.equal(o, plain) for o in outs)
+    cropping = image_transform(64, False, False)
+    assert len({cropping(image).sum().item() for _ in range(20)}) > 1  # RandomCrop along the long side
+
+
+def test_augmentations_are_deterministic():
+    assert augmentations_are_deterministic(center_crop=True, random_flip=False)
+    assert not augmentations_are_deterministic(center_crop=True, random_flip=True)
+    assert not augmentations_are_deterministic(center_crop=False, random_flip=False)
+    assert not augmentations_are_deterministic(center_crop=False, random_flip=True)
+
+
+def _paths(d, n, name):
+    d.mkdir()
+    for i in range(n):
+        _halves().save(d / f"{name}{i}.png")
+    return sorted(d.iterdir())
+
+
+def test_dataset_without_class_images(tmp_path):
+    ds = DreamBoothDataset(_paths(tmp_path / "inst", 3, "i"), "a photo of sks dog", image_transform(16, True, False))
+    assert len(ds) == 3
+    example = ds[2]
+    assert set(example) == {"instance_pixels", "instance_prompt", "instance_index"}
+    assert example["instance_pixels"].shape == (3, 16, 16) and example["instance_index"] == 2
+
+
+def test_dataset_with_class_images_cycles_the_shorter_list(tmp_path):
+    inst, cls = _paths(tmp_path / "inst", 3, "i"), _paths(tmp_path / "cls", 5, "c")
+    ds = DreamBoothDataset(inst, "a photo of sks dog", image_transform(16, True, False), cls, "a photo of a dog")
+    assert len(ds) == 5
+    example = ds[4]
+    assert set(example) == {"instance_pixels", "instance_prompt", "instance_index",
+                            "class_pixels", "class_prompt", "class_index"}
+    assert example["instance_index"] == 1 and example["class_index"] == 4
+    assert example["class_prompt"] == "a photo of a dog"
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch["instance_pixels"].shape == batch["class_pixels"].shape == (2, 3, 16, 16)
+    assert batch["instance_prompt"] == ["a photo of sks dog"] * 2 and batch["class_prompt"] == ["a photo of a dog"] * 2
+    assert batch["instance_index"].tolist() == [0, 1] and batch["class_index"].dtype == torch.long
+
+
+def test_dataset_rejects_inconsistent_arguments(tmp_path):
+    inst = _paths(tmp_path / "inst", 1, "i")
+    transform = image_transform(16, True, False)
+    with pytest.raises(ValueError, match="class_prompt"):
+        DreamBoothDataset(inst, "p", transform, class_paths=inst)
+    with pytest.raises(ValueError, match="instance image"):
+        DreamBoothDataset([], "p", transform)
