@@ -117,12 +117,18 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     from .config import parse_config
 
+    code = 0
     try:
-        cfg = parse_config(argv)
-        train(cfg)
+        train(parse_config(argv))
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
         print(f"train_dreambooth.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo can abort at interpreter exit after DDP work ("terminate called without an
+        # active exception"); leaving without interpreter teardown avoids it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -1,0 +1,282 @@
+"""How fast does our DreamBooth trainer train? Steps/s and peak memory, next to diffusers' script.
+
+    .venv/bin/python -m bench.trainer_throughput                  # full run, ~7 min on 2 cores
+    .venv/bin/python -m bench.trainer_throughput --diffusers_script /tmp/train_dreambooth_lora.py
+    .venv/bin/python -m bench.trainer_throughput --quick          # tiny pipeline, keeps the script working
+
+The base is a local diffusers folder built once: the tiny SD1.5 pipeline (CLIP tokenizer,
+5-layer text encoder of width 48) with an SD-architecture UNet of 17.6M parameters and a
+4-block VAE (downsampling 8), so 256 px trains on 32x32 latents; random weights, fp32, CPU.
+Configurations: adapter lora / singlora (preset attn, rank 8) x latent and prompt caching
+on / off, batch 1, center crop, no validation, no checkpoint inside the timed steps.
+With --diffusers_script, diffusers' examples/dreambooth/train_dreambooth_lora.py runs on the
+same folder, images and flags (it encodes images and, by default, the prompt every step).
+
+Each run is a fresh process (so ru_maxrss is that configuration's peak) that runs the
+trainer's own phases, validate -> build -> fit (diffusers: the whole script, unmodified).
+A global optimizer step post-hook stamps the time after every optimizer step; after
+`warmup` steps, steps/s = timed steps / time between the stamps around them, so model
+loading, the first steps and the final save are excluded and every per-step cost
+(data, noise, forward, backward, AdamW, logging) is included, the same way for both trainers.
+Rounds run every configuration once in rotating order; ratios are per round against the
+baseline (lora without caching) of the same round: median [min, max].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT / "singlora_diffusion" / "assets" / "dog3"
+PROMPT = "a photo of sks dog"
+NO_CACHE = ["--cache_latents", "false", "--cache_text_embeddings", "false"]
+# name -> (trainer, extra flags); the first is the baseline of every ratio.
+CONFIGS = {
+    "lora": ("ours", ["--adapter", "lora", *NO_CACHE]),
+    "lora+cache": ("ours", ["--adapter", "lora"]),
+    "singlora": ("ours", ["--adapter", "singlora", *NO_CACHE]),
+    "singlora+cache": ("ours", ["--adapter", "singlora"]),
+    "diffusers": ("diffusers", []),
+    "diffusers+pre": ("diffusers", ["--pre_compute_text_embeddings"]),
+}
+BASELINE, GOAL = "lora", 1.10  # goal: our trainer >= 1.10x diffusers' steps/s
+SETTINGS = {
+    "full": dict(resolution=256, warmup=3, steps=30, rounds=3),
+    "quick": dict(resolution=64, warmup=1, steps=3, rounds=1),
+}
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def build_bench_pipeline(folder: Path) -> Path:
+    """The 18M-UNet / 4-block-VAE pipeline, saved once (built aside, then renamed)."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    from singlora_diffusion.tiny import build_tiny_pipeline
+
+    tiny = build_tiny_pipeline("sd15")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # the UNet of bench/adapter_overhead.py; cross-attention to the width-48 text
+        sample_size=32, in_channels=4, out_channels=4, norm_num_groups=32, block_out_channels=(64, 128, 256),
+        layers_per_block=2, cross_attention_dim=48, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2)
+    vae = AutoencoderKL(  # 4 blocks = 3 downsamplings: 256 px -> 32x32 latents, as SD's VAE does 512 -> 64
+        block_out_channels=(32, 64, 64, 64), layers_per_block=1, in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32, sample_size=256)
+    pipe = StableDiffusionPipeline(**{**tiny.components, "unet": unet, "vae": vae})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+    pipe.save_pretrained(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def flags(trainer: str, base: str, resolution: int, n_steps: int, out: str) -> list[str]:
+    """The settings both trainers share, in their own flag spelling (ours follows diffusers')."""
+    common = ["--pretrained_model_name_or_path", base, "--instance_data_dir", str(IMAGES), "--instance_prompt",
+              PROMPT, "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps", str(n_steps),
+              "--rank", "8", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--seed", "0",
+              "--checkpointing_steps", str(n_steps + 1), "--report_to", "none", "--output_dir", out]
+    if trainer == "ours":
+        return common + ["--center_crop", "true", "--target_modules", "attn", "--mixed_precision", "no"]
+    # diffusers targets to_q, to_k, to_v, to_out.0 (= our attn preset) with alpha = rank, as ours.
+    return common + ["--center_crop", "--lr_warmup_steps", "0", "--mixed_precision", "no"]
+
+
+def child(spec: dict) -> None:
+    """One configuration in this fresh process; writes step time stamps and peak RSS to spec['result']."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    torch.set_num_threads(spec["threads"])
+    stamps: list[float] = []
+    # Fires after every real optimizer step of any optimizer (there is one per run),
+    # inside accelerate's wrapper too: the same clock for both trainers, no change to either.
+    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    if spec["trainer"] == "ours":
+        from singlora_diffusion.training.build import build, validate
+        from singlora_diffusion.training.config import parse_config
+        from singlora_diffusion.training.loop import fit
+        from singlora_diffusion.training.run import make_accelerator
+
+        cfg = parse_config(spec["argv"])  # train(cfg) without class images, trackers and final export
+        inputs = validate(cfg)
+        accelerator = make_accelerator(cfg)
+        fit(cfg, build(cfg, inputs, accelerator.device), inputs, accelerator, log=lambda *_: None)
+    else:
+        import runpy
+
+        sys.argv = [spec["script"], *spec["argv"]]
+        runpy.run_path(spec["script"], run_name="__main__")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    Path(spec["result"]).write_text(json.dumps(dict(stamps=stamps, peak=peak)))
+
+
+def run_one(name: str, s: dict, base: str, script: str | None) -> dict:
+    trainer, extra = CONFIGS[name]
+    n_steps = s["warmup"] + s["steps"]
+    with tempfile.TemporaryDirectory(prefix="singlora-bench-") as tmp:
+        spec = dict(trainer=trainer, script=script, threads=cores(), result=f"{tmp}/result.json",
+                    argv=flags(trainer, base, s["resolution"], n_steps, f"{tmp}/out") + extra)
+        proc = subprocess.run([sys.executable, "-m", "bench.trainer_throughput", "--child", json.dumps(spec)],
+                              cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0 or not Path(spec["result"]).is_file():
+            return dict(error=f"{name} exited {proc.returncode}:\n{proc.stderr[-1500:]}")
+        r = json.loads(Path(spec["result"]).read_text())
+    stamps = r["stamps"]
+    if len(stamps) != n_steps:
+        return dict(error=f"{name}: expected {n_steps} optimizer steps, saw {len(stamps)}")
+    # Stamp warmup-1 ends the warm-up; each later interval is one whole step.
+    times = [b - a for a, b in zip(stamps[s["warmup"] - 1:], stamps[s["warmup"]:])]
+    return dict(steps_per_s=len(times) / sum(times), step=statistics.median(times), peak=r["peak"])
+
+
+def run(names: list[str], s: dict, base: str, script: str | None, say=print) -> dict[str, list[dict]]:
+    """Per configuration, one result per round; rounds rotate the order so drift hits all alike."""
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for rnd in range(s["rounds"]):
+        k = rnd % len(names)
+        for name in names[k:] + names[:k]:
+            results[name].append(run_one(name, s, base, script))
+            r = results[name][-1]
+            say(f"  round {rnd + 1}/{s['rounds']} {name:15s} "
+                + (f"{r['steps_per_s']:.2f} steps/s" if "error" not in r else "FAILED"))
+    return results
+
+
+def paired(results: dict[str, list[dict]], name: str, ref: str) -> tuple[float, float, float] | None:
+    """Median, min, max over rounds of steps/s(name) / steps/s(ref) in the same round."""
+    ratios = [a["steps_per_s"] / b["steps_per_s"] for a, b in zip(results[name], results.get(ref, []))
+              if "error" not in a and "error" not in b]
+    return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
+
+
+def summarize(results: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for name, rs in results.items():
+        ok = [r for r in rs if "error" not in r]
+        trainer, extra = CONFIGS[name]
+        rows.append(dict(
+            name=name, trainer=trainer, cached="+cache" in name or "+pre" in name, errors=[r["error"] for r in rs
+                                                                                           if "error" in r],
+            steps_per_s=statistics.median(r["steps_per_s"] for r in ok) if ok else None,
+            step=statistics.median(r["step"] for r in ok) if ok else None,
+            peak=statistics.median(r["peak"] for r in ok) if ok else None,
+            x_base=paired(results, name, BASELINE), x_diffusers=paired(results, name, "diffusers"), rounds=rs))
+    return rows
+
+
+CACHING = {"lora": "none (VAE + text encoder every step)", "singlora": "none (VAE + text encoder every step)",
+           "lora+cache": "latents + prompt", "singlora+cache": "latents + prompt (defaults)",
+           "diffusers": "none (VAE + text encoder every step)", "diffusers+pre": "prompt (--pre_compute_text_embeddings)"}
+
+
+def fmt_ratio(x: tuple | None, spread: bool = True) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x[0]:.2f}x [{x[1]:.2f}, {x[2]:.2f}]" if spread else f"{x[0]:.2f}x"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| configuration | trainer | caching | steps/s | x lora (no cache) | x diffusers | median step (s) "
+             "| peak RSS (MB) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ours = "ours" if r["trainer"] == "ours" else "diffusers train_dreambooth_lora.py"
+        if r["steps_per_s"] is None:
+            lines.append(f"| {r['name']} | {ours} | {CACHING[r['name']]} | failed | n/a | n/a | n/a | n/a |")
+            continue
+        lines.append(f"| {r['name']} | {ours} | {CACHING[r['name']]} | {r['steps_per_s']:.2f} | "
+                     f"{fmt_ratio(r['x_base'])} | {fmt_ratio(r['x_diffusers'])} | {r['step']:.3f} "
+                     f"| {r['peak'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    by = {r["name"]: r for r in rows}
+    out = []
+    for name, what in (("singlora+cache", "singlora, defaults (caching on)"),
+                       ("singlora", "singlora, no caching (same work per step)"),
+                       ("lora", "lora, no caching (same adapter, same work per step)")):
+        x = by[name]["x_diffusers"] if name in by else None
+        if x is not None:
+            ok = round(x[0], 2) >= GOAL  # judged as printed
+            out.append(f"{what}: {x[0]:.2f}x diffusers' steps/s ({'meets' if ok else 'MISSES'} >= {GOAL:.2f}x)")
+    return out or ["no diffusers comparison (pass --diffusers_script PATH to run one)"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny pipeline at 64 px, 4 steps, 1 round: < 1 minute")
+    ap.add_argument("--steps", type=int, help="timed steps per run (default 30; quick: 3)")
+    ap.add_argument("--warmup", type=int, help="untimed first steps per run, >= 1 (default 3; quick: 1)")
+    ap.add_argument("--rounds", type=int, help="runs of every configuration (default 3; quick: 1)")
+    ap.add_argument("--diffusers_script", metavar="PATH", help="a copy of diffusers' examples/dreambooth/"
+                    "train_dreambooth_lora.py to compare against (not part of the diffusers wheel)")
+    ap.add_argument("--pipeline_dir", default="/tmp/singlora_bench/sd-unet18m-256",
+                    help="where the benchmark's base pipeline is built once and reused")
+    ap.add_argument("--json", metavar="PATH", help="also write settings and per-round results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(json.loads(args.child))
+    s = dict(SETTINGS["quick" if args.quick else "full"])
+    s.update({k: getattr(args, k) for k in ("steps", "warmup", "rounds") if getattr(args, k)})
+    if s["warmup"] < 1:
+        ap.error("--warmup must be >= 1: the first step's stamp starts the clock")
+    if args.quick:
+        from singlora_diffusion.training.build import resolve_base
+
+        base = resolve_base("tiny:sd15")
+    else:
+        base = str(build_bench_pipeline(Path(args.pipeline_dir)))
+    script = str(Path(args.diffusers_script).resolve()) if args.diffusers_script else None
+    names = [n for n, (trainer, _) in CONFIGS.items() if trainer == "ours" or script]
+    import diffusers
+    import torch
+
+    print(f"base: {base} ({'tiny SD1.5 pipeline' if args.quick else 'SD-architecture UNet 17.6M params, 4-block VAE'})"
+          f", {s['resolution']} px, batch 1, fp32, CPU, {cores()} threads, torch {torch.__version__}, "
+          f"diffusers {diffusers.__version__}")
+    print(f"rank 8 on to_q,to_k,to_v,to_out.0; {s['warmup']} warm-up + {s['steps']} timed steps per run; "
+          f"{s['rounds']} round(s) of {len(names)} runs in rotating order, one fresh process each\n")
+    start = time.perf_counter()
+    rows = summarize(run(names, s, base, script))
+    print("\n" + table(rows))
+    print("\nsteps/s = timed steps / their wall time (optimizer step to optimizer step), median over rounds.\n"
+          "x lora / x diffusers = median [min, max] over rounds of the per-round ratio of steps/s.\n"
+          "peak RSS = ru_maxrss of the run's process (imports, models, training), median over rounds.")
+    print("\n" + "\n".join(verdicts(rows)) if script else "\n" + verdicts([])[0])
+    for r in rows:
+        for e in r["errors"]:
+            print(f"\n{e}", file=sys.stderr)
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(settings=dict(s, base=base, threads=cores(),
+                                   torch=torch.__version__, diffusers=diffusers.__version__,
+                                   machine=platform.machine(), diffusers_script=script), rows=rows), indent=2))
+    if any(r["errors"] and r["trainer"] == "ours" for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Two processes on CPU (gloo) through accelerate launch; resume with one process."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from singlora_diffusion.format import read_adapter
+from singlora_diffusion.training.run import train
+
+from .train_helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_then_resume_with_one(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "train_dreambooth.py"), "--pretrained_model_name_or_path", str(tiny_pipeline_dir()),
+           "--instance_data_dir", str(ROOT / "singlora_diffusion/assets/dog3"), "--instance_prompt",
+           "a photo of sks dog", "--output_dir", str(out), "--resolution", "64", "--center_crop", "--rank", "2",
+           "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "0", "--report_to", "none",
+           "--num_validation_images", "1", "--validation_inference_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout  # the summary, printed once by the main process
+    assert run.stdout.count("files written:") == 1
+    assert read_adapter(out / "singlora_weights.safetensors").step == 4
+    # the checkpoint of a 2-process run resumes in a single process
+    train(tiny_config(tiny_pipeline_dir(), out, max_train_steps=6, checkpointing_steps=2,
+                      resume_from_checkpoint="latest"))
+    assert read_adapter(out / "singlora_weights.safetensors").step == 6
