@@ -126,6 +126,12 @@ def child(spec: dict) -> None:
     else:
         import runpy
 
+        import accelerate.accelerator
+
+        # The one environment shim: the script passes --report_to straight to Accelerator(log_with=),
+        # which refuses "none". No tracker, as in our runs; the script itself runs unmodified.
+        real = accelerate.accelerator.filter_trackers
+        accelerate.accelerator.filter_trackers = lambda log_with, *a: [] if log_with == "none" else real(log_with, *a)
         sys.argv = [spec["script"], *spec["argv"]]
         runpy.run_path(spec["script"], run_name="__main__")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

@@ -35,7 +35,7 @@ def max_diff(a: dict, b: dict) -> float:
 def test_outputs_layout_and_checkpoint_limit(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(tiny_pipeline_dir(), out, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2,
-                      ramp_up_steps=None)
+                      ramp_up_steps=None, report_to="tensorboard")
     files = train(cfg)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     assert not list(out.glob(".checkpoint-*"))  # no temporary folder left behind
@@ -47,6 +47,24 @@ def test_outputs_layout_and_checkpoint_limit(tiny_pipeline_dir, tmp_path):
     pipe = load_pipeline(tiny_pipeline_dir())
     pipe.load_lora_weights(str(out))  # the diffusers export just works
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"loss", "lr", "u"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("u")] == [1, 2, 3, 4]
+
+
+def test_incomplete_checkpoints_are_never_latest(tmp_path):
+    from singlora_diffusion.training.checkpoint import resolve_resume
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-9").mkdir()  # a crash mid-save left no trainer_state.json
+    (tmp_path / ".checkpoint-12.tmp").mkdir()
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path / "checkpoint-9"))
 
 
 def test_resume_from_checkpoint_equals_straight_run(tiny_pipeline_dir, tmp_path):
@@ -198,7 +216,10 @@ def test_loss_and_schedule_options_train(extra, tiny_pipeline_dir, tmp_path):
 
 
 def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tiny_pipeline_dir, tmp_path, capsys):
-    pytest.importorskip  # bitsandbytes is not installed here
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed: the error path cannot be shown here")
     assert main(["--pretrained_model_name_or_path", str(tiny_pipeline_dir()), "--instance_data_dir",
                  str(ROOT / "singlora_diffusion/assets/dog3"), "--instance_prompt", "x", "--output_dir",
                  str(tmp_path), "--use_8bit_adam"]) == 2

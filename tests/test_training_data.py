@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 
 from singlora_diffusion.bundled import bundled_subject
-from singlora_diffusion.training.data import (
-    DreamBoothDataset, ImageFolderError, augmentations_are_deterministic, check_sizes, collate,
-    image_transform, load_image, scan_images)
+from singlora_diffusion.training.data import (Crop, ImageFolderError, augmentations_are_deterministic,
+                                               check_sizes, load_image, prepare_image, scan_images)
 
 RED, WHITE = (255, 0, 0), (255, 255, 255)
 GRADIENT_16 = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(3, axis=0)
@@ -177,25 +176,24 @@ def test_check_sizes_warns_once_naming_each_small_image(tmp_path):
         check_sizes([tmp_path / "big.png"], 256)
 
 
-def test_transform_shape_range_and_centre_crop():
+def test_prepare_image_shape_range_and_centre_crop():
     image = _halves(200, 100)  # short side 100 -> 64, width 128, centre crop keeps columns 32..96
-    out = image_transform(64, center_crop=True, random_flip=False)(image)
+    out, crop = prepare_image(image, 64, center_crop=True, flip=False)
     assert out.shape == (3, 64, 64) and out.dtype == torch.float32
     assert out.min() >= -1 and out.max() <= 1
-    assert torch.equal(out, image_transform(64, True, False)(image))  # deterministic
+    assert torch.equal(out, prepare_image(image, 64, True, False)[0])  # deterministic
     assert (out[:, 40:, :4] < -0.9).all() and (out[:, :, -4:] > 0.9).all()  # black left, white right
-    assert image_transform(64, True, False)(_halves(20, 10)).shape == (3, 64, 64)  # upscaled
+    assert crop == Crop((100, 200), (0, 32)) and crop.time_ids(64) == [100, 200, 0, 32, 64, 64]
+    assert prepare_image(_halves(20, 10), 64, True, False)[0].shape == (3, 64, 64)  # upscaled
 
 
-def test_random_flip_and_random_crop_vary():
+def test_flip_mirrors_and_random_crop_varies():
     image = _halves(200, 100)
-    plain = image_transform(64, True, False)(image)
-    flipping = image_transform(64, True, True)
-    outs = [flipping(image) for _ in range(20)]
-    assert all(torch.equal(o, plain) or torch.equal(o, plain.flip(-1)) for o in outs)
-    assert any(torch.equal(o, plain.flip(-1)) for o in outs) and any(torch.equal(o, plain) for o in outs)
-    cropping = image_transform(64, False, False)
-    assert len({cropping(image).sum().item() for _ in range(20)}) > 1  # RandomCrop along the long side
+    plain, _ = prepare_image(image, 64, True, False)
+    flipped, crop = prepare_image(image, 64, True, True)
+    assert torch.equal(flipped, plain.flip(-1)) and crop.top_left == (0, 128 - 32 - 64)
+    crops = {prepare_image(image, 64, False, False)[1].top_left for _ in range(20)}
+    assert len(crops) > 1 and all(top == 0 and 0 <= left <= 64 for top, left in crops)
 
 
 def test_augmentations_are_deterministic():
@@ -203,43 +201,3 @@ def test_augmentations_are_deterministic():
     assert not augmentations_are_deterministic(center_crop=True, random_flip=True)
     assert not augmentations_are_deterministic(center_crop=False, random_flip=False)
     assert not augmentations_are_deterministic(center_crop=False, random_flip=True)
-
-
-def _paths(d, n, name):
-    d.mkdir()
-    for i in range(n):
-        _halves().save(d / f"{name}{i}.png")
-    return sorted(d.iterdir())
-
-
-def test_dataset_without_class_images(tmp_path):
-    ds = DreamBoothDataset(_paths(tmp_path / "inst", 3, "i"), "a photo of sks dog", image_transform(16, True, False))
-    assert len(ds) == 3
-    example = ds[2]
-    assert set(example) == {"instance_pixels", "instance_prompt", "instance_index"}
-    assert example["instance_pixels"].shape == (3, 16, 16) and example["instance_index"] == 2
-
-
-def test_dataset_with_class_images_cycles_the_shorter_list(tmp_path):
-    inst, cls = _paths(tmp_path / "inst", 3, "i"), _paths(tmp_path / "cls", 5, "c")
-    ds = DreamBoothDataset(inst, "a photo of sks dog", image_transform(16, True, False), cls, "a photo of a dog")
-    assert len(ds) == 5
-    example = ds[4]
-    assert set(example) == {"instance_pixels", "instance_prompt", "instance_index",
-                            "class_pixels", "class_prompt", "class_index"}
-    assert example["instance_index"] == 1 and example["class_index"] == 4
-    assert example["class_prompt"] == "a photo of a dog"
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate)
-    batch = next(iter(loader))
-    assert batch["instance_pixels"].shape == batch["class_pixels"].shape == (2, 3, 16, 16)
-    assert batch["instance_prompt"] == ["a photo of sks dog"] * 2 and batch["class_prompt"] == ["a photo of a dog"] * 2
-    assert batch["instance_index"].tolist() == [0, 1] and batch["class_index"].dtype == torch.long
-
-
-def test_dataset_rejects_inconsistent_arguments(tmp_path):
-    inst = _paths(tmp_path / "inst", 1, "i")
-    transform = image_transform(16, True, False)
-    with pytest.raises(ValueError, match="class_prompt"):
-        DreamBoothDataset(inst, "p", transform, class_paths=inst)
-    with pytest.raises(ValueError, match="instance image"):
-        DreamBoothDataset([], "p", transform)

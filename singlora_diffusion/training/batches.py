@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import augmentations_are_deterministic, image_transform, load_image
+from .data import Crop, augmentations_are_deterministic, load_image, prepare_image
 
 
 def seed_position(seed: int, micro_step: int, rank: int) -> None:
@@ -41,7 +41,7 @@ def sample_indices(n: int, micro_step: int, batch: int, rank: int, world: int, s
 
 
 class LatentSource:
-    """VAE latents of image i, encoded once when the augmentation allows it.
+    """VAE latents of image i (and its SDXL crop conditioning), encoded once when allowed.
 
     With a center crop the only randomness is the flip, so both orientations
     are cached; a random crop differs every time and is encoded every step.
@@ -51,31 +51,30 @@ class LatentSource:
 
     def __init__(self, vae, paths: list[Path], resolution: int, center_crop: bool, random_flip: bool,
                  cache: bool):
-        self.vae, self.paths, self.random_flip = vae, paths, random_flip
-        self.transform = image_transform(resolution, center_crop, random_flip=False)  # flip is ours
+        self.vae, self.paths, self.resolution = vae, paths, resolution
+        self.center_crop, self.random_flip = center_crop, random_flip
         self.cached = cache and augmentations_are_deterministic(center_crop, False)
-        self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, Crop]] = {}
         if self.cached:
             for i in range(len(paths)):
                 for flip in ((False, True) if random_flip else (False,)):
-                    self.cache[(i, flip)] = self._encode(self._pixels(i, flip))
-
-    def _pixels(self, i: int, flip: bool) -> torch.Tensor:
-        pixels = self.transform(load_image(self.paths[i]))
-        return pixels.flip(-1) if flip else pixels
+                    self.cache[(i, flip)] = self._encode(i, flip)
 
     @torch.no_grad()
-    def _encode(self, pixels: torch.Tensor):
+    def _encode(self, i: int, flip: bool):
+        pixels, crop = prepare_image(load_image(self.paths[i]), self.resolution, self.center_crop, flip)
         dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
-        return dist.mean[0], dist.std[0]
+        return dist.mean[0], dist.std[0], crop
 
-    def get(self, indices: list[int]) -> torch.Tensor:
-        out = []
+    def get(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents (b, 4, h, w) scaled for the UNet, SDXL time ids (b, 6))."""
+        latents, time_ids = [], []
         for i in indices:
             flip = self.random_flip and bool(torch.rand(()) < 0.5)
-            mean, std = self.cache[(i, flip)] if self.cached else self._encode(self._pixels(i, flip))
-            out.append(mean + std * torch.randn(mean.shape).to(mean.device, mean.dtype))
-        return torch.stack(out) * self.vae.config.scaling_factor
+            mean, std, crop = self.cache[(i, flip)] if self.cached else self._encode(i, flip)
+            latents.append(mean + std * torch.randn(mean.shape).to(mean.device, mean.dtype))
+            time_ids.append(crop.time_ids(self.resolution))
+        return torch.stack(latents) * self.vae.config.scaling_factor, torch.tensor(time_ids)
 
 
 class PromptEncoder:

@@ -3,7 +3,7 @@
 Like diffusers' DreamBoothDataset (examples/dreambooth/train_dreambooth_lora.py), but a
 folder straight from a phone or a download does not crash step 0 or train on garbage:
 
-    folder --scan_images--> good paths --load_image--> RGB PIL --image_transform--> (3, r, r) in [-1, 1]
+    folder --scan_images--> good paths --load_image--> RGB PIL --prepare_image--> (3, r, r) in [-1, 1] + Crop
              (one warning     (EXIF turned, CMYK,       (resize short side, crop, maybe flip)
               for the rest)    16-bit, alpha handled)
 """
@@ -12,10 +12,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
 
 _ROLES = ("instance", "class")
 _WHITE = (255, 255, 255)
@@ -113,26 +114,43 @@ def load_image(path) -> Image.Image:
     return image.convert("RGB")  # CMYK, L, 1, P, YCbCr: Pillow's own conversions are correct
 
 
-def image_transform(resolution: int, center_crop: bool, random_flip: bool):
-    """A callable RGB PIL image -> float tensor (3, resolution, resolution) in [-1, 1].
+@dataclass(frozen=True)
+class Crop:
+    """Where a training crop came from: SDXL's size/crop micro-conditioning (SDXL paper, Sec. 2.2)."""
+    original_size: tuple[int, int]   # (height, width) before resizing
+    top_left: tuple[int, int]        # (top, left) of the crop in the resized image
+
+    def time_ids(self, resolution: int) -> list[int]:
+        return [*self.original_size, *self.top_left, resolution, resolution]
+
+
+def prepare_image(image: Image.Image, resolution: int, center_crop: bool, flip: bool) -> tuple[torch.Tensor, Crop]:
+    """RGB image -> float tensor (3, resolution, resolution) in [-1, 1], and its Crop.
 
     Shorter side to `resolution` (bicubic, antialiased; small images are upscaled, see
-    check_sizes), then a centre or random square crop, then a horizontal flip with p=0.5.
+    check_sizes), then a centre or a random square crop (torch's RNG, which the trainer
+    seeds per step), then a horizontal flip if `flip`.
     """
     from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
 
     if resolution < 8:
         raise ValueError(f"resolution must be at least 8 pixels, got {resolution}")
-    steps = [
-        # Resize on the PIL image: Pillow rounds and clamps to uint8, so bicubic overshoot
-        # cannot push values outside [-1, 1] after normalisation.
-        v2.Resize(resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(resolution) if center_crop else v2.RandomCrop(resolution),
-    ]
-    if random_flip:
-        steps.append(v2.RandomHorizontalFlip(p=0.5))
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
-    return v2.Compose(steps)
+    original = (image.height, image.width)
+    # Resize on the PIL image: Pillow rounds and clamps to uint8, so bicubic overshoot
+    # cannot push values outside [-1, 1] after normalisation.
+    image = TF.resize(image, resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    if center_crop:
+        top, left = round((image.height - resolution) / 2), round((image.width - resolution) / 2)
+    else:
+        top, left, _, _ = v2.RandomCrop.get_params(image, (resolution, resolution))
+    width = image.width
+    image = TF.crop(image, top, left, resolution, resolution)
+    if flip:
+        image = TF.horizontal_flip(image)
+        left = width - left - resolution  # the crop's position in the mirrored image
+    pixels = TF.to_dtype(TF.to_image(image), torch.float32, scale=True) * 2 - 1
+    return pixels, Crop(original, (top, left))
 
 
 def _upright_size(path: Path) -> tuple[int, int]:
@@ -146,7 +164,7 @@ def _upright_size(path: Path) -> tuple[int, int]:
 def check_sizes(paths, resolution: int) -> None:
     """One UserWarning naming every image whose shorter side is below `resolution`.
 
-    Such images are upscaled by image_transform and train the model on blur.
+    Such images are upscaled by prepare_image and train the model on blur.
     """
     paths, small = [Path(p) for p in paths], []
     for path in paths:
@@ -166,53 +184,3 @@ def augmentations_are_deterministic(center_crop: bool, random_flip: bool) -> boo
     happens to be a no-op for square images; we do not special-case that.
     """
     return center_crop and not random_flip
-
-
-class DreamBoothDataset(Dataset):
-    """Instance images (the subject) and, for prior preservation, class images.
-
-    With class images the length is max(n_instance, n_class) as in diffusers: the
-    shorter list is cycled. Images are decoded on every access; the trainer caches
-    latents itself when augmentations_are_deterministic() allows it.
-    """
-
-    def __init__(self, instance_paths, instance_prompt: str, transform, class_paths=None,
-                 class_prompt: str | None = None):
-        self.instance_paths = [Path(p) for p in instance_paths]
-        if not self.instance_paths:
-            raise ValueError("DreamBoothDataset needs at least one instance image; "
-                             "get the list from scan_images(--instance_data_dir).")
-        self.class_paths = None if class_paths is None else [Path(p) for p in class_paths]
-        if self.class_paths is not None and not self.class_paths:
-            raise ValueError("class_paths is empty; pass None to train without prior preservation "
-                             "or generate class images first.")
-        if self.class_paths is not None and class_prompt is None:
-            raise ValueError("class_paths given without class_prompt; pass --class_prompt "
-                             "(e.g. 'a photo of a dog').")
-        self.instance_prompt, self.class_prompt, self.transform = instance_prompt, class_prompt, transform
-
-    def __len__(self) -> int:
-        return max(len(self.instance_paths), len(self.class_paths or ()))
-
-    def __getitem__(self, i: int) -> dict:
-        n = len(self.instance_paths)
-        example = {"instance_pixels": self.transform(load_image(self.instance_paths[i % n])),
-                   "instance_prompt": self.instance_prompt, "instance_index": i % n}
-        if self.class_paths is not None:
-            j = i % len(self.class_paths)
-            example.update(class_pixels=self.transform(load_image(self.class_paths[j])),
-                           class_prompt=self.class_prompt, class_index=j)
-        return example
-
-
-def collate(examples: list[dict]) -> dict:
-    """Batch DreamBoothDataset examples: pixels stacked, prompts as lists, indices as a LongTensor.
-
-    Instance and class halves stay apart; the trainer decides whether to concatenate them.
-    """
-    batch = {}
-    for role in ("instance", "class") if "class_pixels" in examples[0] else ("instance",):
-        batch[f"{role}_pixels"] = torch.stack([e[f"{role}_pixels"] for e in examples]).contiguous()
-        batch[f"{role}_prompt"] = [e[f"{role}_prompt"] for e in examples]
-        batch[f"{role}_index"] = torch.tensor([e[f"{role}_index"] for e in examples], dtype=torch.long)
-    return batch

@@ -46,12 +46,6 @@ def _u(trainee: Trainee) -> float:
     return float(ramp(m.singlora_step, m.ramp_up_steps))
 
 
-def _time_ids(resolution: int, n: int, device, dtype) -> torch.Tensor:
-    # SDXL micro-conditioning (original size, crop top-left, target size): images are
-    # resized so the short side is `resolution` and cropped square to it.
-    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * n, device=device, dtype=dtype)
-
-
 def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=print) -> FitResult:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -114,20 +108,21 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
                 seed_position(cfg.seed, position, rank)
                 with accelerator.accumulate(unet):
                     ids = sample_indices(n_inst, position, bs, rank, world, cfg.seed)
-                    latents = instance.get(ids)
+                    latents, time_ids = instance.get(ids)
                     texts = [cfg.instance_prompt] * bs
                     if prior is not None:
-                        latents = torch.cat([latents, prior.get(sample_indices(len(inputs.class_images), position,
-                                                                               bs, rank, world, cfg.seed + 1))])
+                        class_latents, class_time_ids = prior.get(sample_indices(
+                            len(inputs.class_images), position, bs, rank, world, cfg.seed + 1))
+                        latents, time_ids = torch.cat([latents, class_latents]), torch.cat([time_ids, class_time_ids])
                         texts += [cfg.class_prompt] * bs
                     latents = latents.to(device, trainee.weight_dtype)
                     embeds, pooled = zip(*(prompts.get(t) for t in texts))
                     noisy, noise, timesteps = add_noise(noise_scheduler, latents, cfg.noise_offset)
                     cond = {}
                     if pooled[0] is not None:
+                        # SDXL micro-conditioning: original size, crop top-left, target size
                         cond = {"added_cond_kwargs": {"text_embeds": torch.cat(pooled),
-                                                      "time_ids": _time_ids(cfg.resolution, len(texts), device,
-                                                                            trainee.weight_dtype)}}
+                                                      "time_ids": time_ids.to(device, trainee.weight_dtype)}}
                     with accelerator.autocast():
                         pred = unet(noisy, timesteps, torch.cat(embeds), **cond).sample
                     per_sample = per_sample_loss(pred, target_of(noise_scheduler, latents, noise, timesteps),
