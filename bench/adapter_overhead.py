@@ -82,7 +82,7 @@ class Trainer:
         self.params = sum(p.numel() for p in trainable)
         self.opt = torch.optim.AdamW(trainable, lr=1e-4)
         if method == "singlora":
-            attach_ramp(self.opt, self.unet)  # part of SingLoRA's real step (see demo.py)
+            attach_ramp(self.opt, self.unet)  # part of SingLoRA's real training step (see training/loop.py)
         self.batch = make_batch(s)
 
     def step(self) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .inject import get_step, inject_singlora, set_step, singlora_modules
 from .pipelines import base_arch
-from .targets import COMPONENT_KIND
+from .targets import COMPONENT_KIND, resolve_patterns
 
 FORMAT, FORMAT_VERSION = "singlora", "1"
 SUFFIX = ".singlora_A"
@@ -98,13 +98,15 @@ def save_adapter(path: str | os.PathLike, components: dict[str, nn.Module], base
                          f"format v{FORMAT_VERSION} stores one setting per file")
     (rank, alpha, ramp_up_steps), = settings
     step = max(get_step(m) for m in components.values())
-    as_list = lambda spec: None if spec is None else (spec.split(",") if isinstance(spec, str) and "," in spec else spec)
+    unet_modules = sorted({k.rpartition(".")[2] for k in shapes if k.startswith("unet.")})
     metadata = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "rank": str(rank), "alpha": repr(float(alpha)),
         "ramp_up_steps": str(ramp_up_steps), "step": str(step),
-        "target_modules": json.dumps(as_list(target_modules) if target_modules is not None else
-                                     sorted({k.rpartition(".")[2] for k in shapes if k.startswith("unet.")})),
-        "text_encoder_target_modules": json.dumps(as_list(text_encoder_target_modules)),
+        # the patterns, presets resolved ("attn" -> ["to_q", ...]), so readers need no preset table
+        "target_modules": json.dumps(list(resolve_patterns(target_modules, "unet")) if target_modules is not None
+                                     else unet_modules),
+        "text_encoder_target_modules": json.dumps(None if text_encoder_target_modules is None else
+                                                  list(resolve_patterns(text_encoder_target_modules, "text_encoder"))),
         "base_model": str(base_model), "base_arch": base_arch(components),
         "module_shapes": json.dumps(shapes),
     }

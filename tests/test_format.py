@@ -28,7 +28,8 @@ def test_keys_dtypes_shapes_and_metadata(saved):
         meta, keys = f.metadata(), list(f.keys())
     assert meta["format"] == "singlora" and meta["format_version"] == "1"
     assert (meta["rank"], float(meta["alpha"]), meta["ramp_up_steps"], meta["step"]) == ("4", 8.0, "10", "7")
-    assert json.loads(meta["target_modules"]) == "attn" or json.loads(meta["target_modules"])
+    assert json.loads(meta["target_modules"]) == ["to_q", "to_k", "to_v", "to_out.0"]  # preset "attn" resolved
+    assert json.loads(meta["text_encoder_target_modules"]) == ["q_proj", "k_proj", "v_proj", "out_proj"]
     assert meta["base_model"] == str(base)
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.singlora_A" in keys
     # CLIP keys keep `text_model.` whatever transformers' named_modules() says

@@ -133,6 +133,8 @@ def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
     # The frozen base goes to the training dtype; SingLoRA's A refuses the cast
     # (layer._apply) and PEFT's LoRA weights are put back to float32 below.
     pipe.to(device, dtype=weight_dtype)
+    if weight_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its config says so)
     trained = {c: components[c] for c in plan}
     trainee = Trainee(pipe, components, trained, weight_dtype, ramp_up_steps, cfg.adapter)
     for p in trainee.parameters():
