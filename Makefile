@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test browser webui bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,21 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) train_dreambooth.py --config configs/demo.yaml
 
-test: venv
+# The web UI's browser test drives Debian's chromium through playwright (playwright's own
+# browser download is not used). Installed here when missing and we may (root + apt-get);
+# otherwise that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	      || echo "could not install chromium: the browser test will be skipped"; \
+	  else echo "chromium not installed and cannot install it here: the browser test will be skipped"; fi; }
+
+test: venv browser
 	$(PY) -m pytest -q
+
+webui: venv
+	$(PY) webui/app.py
 
 bench: venv
 	$(PY) -m bench.adapter_overhead

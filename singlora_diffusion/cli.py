@@ -63,6 +63,12 @@ def _generate(args):
     print(f"wrote {args.out}")
 
 
+def _webui(args):
+    from .webui.app import main as webui_main
+
+    webui_main(args.webui_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="singlora", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=_generate)
 
+    s = sub.add_parser("webui", help="the Gradio web UI (same flags as webui/app.py)", add_help=False)
+    s.add_argument("webui_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_webui)
     return p
 
 

@@ -1,6 +1,8 @@
 """Phase 3: the training loop, checkpoints, validation, Ctrl-C and NaN handling."""
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,17 @@ from .loss import add_noise, dreambooth_loss, per_sample_loss, target_of
 from .weights import read_weights, write_weights
 
 
+PROGRESS_FILE = "progress.json"  # step, loss, latest validation image: read by the web UI
+
+
 class TrainingDiverged(RuntimeError):
     pass
+
+
+def write_progress(output_dir: Path, **fields) -> None:
+    tmp = output_dir / (PROGRESS_FILE + ".tmp")
+    tmp.write_text(json.dumps(fields))
+    os.replace(tmp, output_dir / PROGRESS_FILE)  # readers never see half a file
 
 
 @dataclass
@@ -152,6 +163,9 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
                 last_ckpt = checkpoint(step)
             if cfg.validation_prompt and step % cfg.validation_steps == 0:
                 validation_images = validate_images(cfg, trainee, accelerator, step)
+            if accelerator.is_main_process:
+                write_progress(output_dir, step=step, total=cfg.max_train_steps, loss=logs.get("loss"),
+                               validation_image=str(validation_images[0]) if validation_images else None)
     except KeyboardInterrupt:
         bar.close()
         last_ckpt = checkpoint(step) if step > 0 else last_ckpt

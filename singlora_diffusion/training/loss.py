@@ -43,4 +43,5 @@ def dreambooth_loss(per_sample: torch.Tensor, n_instance: int, prior_loss_weight
     if per_sample.shape[0] == n_instance:
         return instance, {"loss": instance.item()}
     prior = per_sample[n_instance:].mean()
-    return instance + prior_loss_weight * prior, {"loss_instance": instance.item(), "loss_prior": prior.item()}
+    total = instance + prior_loss_weight * prior
+    return total, {"loss": total.item(), "loss_instance": instance.item(), "loss_prior": prior.item()}

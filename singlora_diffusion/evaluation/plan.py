@@ -1,0 +1,165 @@
+"""Phase 1: from an EvalConfig to the subjects to evaluate, checking every input before any model loads."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import EvalConfig
+from .images import GeneratedImage, list_images, read_images_dir
+from .protocol import PROMPTS_FILE, Prompt, make_prompts, read_dreambench, read_prompt_file
+
+BASE, ADAPTER, IMAGES = "base", "adapter", "images"  # methods, in report order
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    class_name: str | None
+    photos: tuple[Path, ...]
+    prompts: tuple[Prompt, ...] = ()      # to generate; empty when scoring existing images
+    adapter: Path | None = None
+    existing: tuple[GeneratedImage, ...] = ()  # --images_dir: images to score as they are
+
+    def methods(self, baseline: bool) -> tuple[str, ...]:
+        if self.existing:
+            return (IMAGES,)
+        return ((BASE,) if baseline or self.adapter is None else ()) + ((ADAPTER,) if self.adapter else ())
+
+
+@dataclass(frozen=True)
+class Plan:
+    subjects: tuple[Subject, ...]
+    base: str | None                 # None when only existing images are scored
+    dreambench_file: Path | None
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"--out {out}: cannot write there ({e.strerror}); pick a writable folder") from None
+
+
+def _adapter_in(adapters_dir: Path, subject: str) -> Path | None:
+    from ..generate import find_adapter_file
+
+    for candidate in (adapters_dir / subject, adapters_dir / f"{subject}.safetensors"):
+        if candidate.exists():
+            return find_adapter_file(candidate)
+    return None
+
+
+def _warn_identifier(adapter: Path, identifier: str) -> None:
+    """A training output folder says which prompt the adapter learned; warn if the identifier is not in it."""
+    import yaml
+
+    config = adapter.parent / "config.yaml"
+    if not config.is_file():
+        return
+    prompt = (yaml.safe_load(config.read_text()) or {}).get("instance_prompt")
+    if prompt and identifier not in prompt.split():
+        warnings.warn(f"{adapter.parent}: the adapter was trained with instance_prompt {prompt!r}, which does not "
+                      f"contain --identifier {identifier!r}; pass the identifier it was trained with", UserWarning,
+                      stacklevel=3)
+
+
+def _default_base(adapters: list[Path]) -> str | None:
+    """The base model written in the adapters (native metadata, else the trainer's config.yaml)."""
+    import yaml
+
+    from ..format import read_metadata
+
+    bases = set()
+    for adapter in adapters:
+        base = read_metadata(adapter).get("base_model")
+        if not base and (adapter.parent / "config.yaml").is_file():
+            base = (yaml.safe_load((adapter.parent / "config.yaml").read_text()) or {}).get(
+                "pretrained_model_name_or_path")
+        if base:
+            bases.add(base)
+    if len(bases) > 1:
+        raise ValueError(f"the adapters were trained on different bases {sorted(bases)}; pass --base")
+    return bases.pop() if bases else None
+
+
+def _subject(cfg: EvalConfig, name: str, photos_dir: Path, bench, templates, adapter: Path | None,
+             images_dir: Path | None) -> Subject:
+    photos = tuple(list_images(photos_dir, "--subject_dir" if cfg.subject_dir else "--dreambench_dir"))
+    class_name = cfg.class_name if cfg.subject_dir and cfg.class_name else bench.classes.get(name)
+    if images_dir is not None:
+        return Subject(name, class_name, photos, existing=tuple(read_images_dir(images_dir)))
+    needs_class = cfg.prompts == "dreambench" or any("{1}" in t or "{class}" in t for t in templates)
+    if needs_class and not class_name:
+        raise ValueError(f"subject {name!r}: its class is unknown (not a DreamBench subject name); pass "
+                         f"--class_name (e.g. dog, backpack)")
+    if cfg.prompts == "dreambench":
+        templates = bench.templates_for(class_name)
+    if adapter is not None:
+        _warn_identifier(adapter, cfg.identifier)
+    prompts = make_prompts(templates, cfg.identifier, class_name or "")
+    return Subject(name, class_name, photos, prompts, adapter)
+
+
+def make_plan(cfg: EvalConfig) -> Plan:
+    """Subjects, adapters, prompts and photos, all checked; nothing heavy is loaded."""
+    from ..generate import find_adapter_file
+    from ..pipelines import check_base_exists
+
+    out = Path(cfg.out)
+    _check_out(out)
+    templates = () if cfg.prompts == "dreambench" else read_prompt_file(cfg.prompts)
+    dreambench_file = None
+    if cfg.subject_dir is not None:
+        photos_dir = Path(cfg.subject_dir)
+        name = cfg.subject_name or photos_dir.resolve().name
+        adapter = find_adapter_file(cfg.adapter) if cfg.adapter else None
+        images_dir = Path(cfg.images_dir) if cfg.images_dir else None
+        subjects = [_subject(cfg, name, photos_dir, read_dreambench(), templates, adapter, images_dir)]
+    else:
+        root = Path(cfg.dreambench_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--dreambench_dir {root}: no such folder")
+        dreambench_file = root / PROMPTS_FILE if (root / PROMPTS_FILE).is_file() else None
+        bench = read_dreambench(dreambench_file)
+        folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+        adapters_dir = Path(cfg.adapters_dir) if cfg.adapters_dir else None
+        images_root = Path(cfg.images_dir) if cfg.images_dir else None
+        for flag, folder in (("--adapters_dir", adapters_dir), ("--images_dir", images_root)):
+            if folder is not None and not folder.is_dir():
+                raise FileNotFoundError(f"{flag} {folder}: no such folder")
+        adapters = {n: a for n in folders if adapters_dir and (a := _adapter_in(adapters_dir, n))}
+        if cfg.subjects:
+            names = [s.strip() for s in cfg.subjects.split(",") if s.strip()]
+            unknown = [n for n in names if n not in folders]
+            if unknown:
+                raise ValueError(f"--subjects {', '.join(unknown)}: no such folder in {root} "
+                                 f"(it has {', '.join(folders) or 'none'})")
+        elif adapters_dir is not None:
+            names = list(adapters)
+        elif images_root is not None:
+            names = [n for n in folders if (images_root / n).is_dir()]
+        else:
+            names = list(folders)
+        if not names:
+            raise ValueError(f"no subject to evaluate: {root} has subject folders {', '.join(folders) or 'none'}"
+                             + (f", {adapters_dir} has adapters for none of them (expected <subject>/ or "
+                                f"<subject>.safetensors)" if adapters_dir else ""))
+        if adapters_dir is not None and (lacking := [n for n in names if n not in adapters]):
+            raise FileNotFoundError(f"--adapters_dir {adapters_dir}: no adapter for {', '.join(lacking)} "
+                                    f"(expected <subject>/ holding one, or <subject>.safetensors)")
+        if images_root is not None and (lacking := [n for n in names if not (images_root / n).is_dir()]):
+            raise FileNotFoundError(f"--images_dir {images_root}: no folder for {', '.join(lacking)}")
+        subjects = [_subject(cfg, n, folders[n], bench, templates, adapters.get(n),
+                             images_root / n if images_root else None) for n in names]
+    base = None
+    if cfg.generates:
+        base = cfg.base or _default_base([s.adapter for s in subjects if s.adapter])
+        if base is None:
+            raise ValueError("--base is required to generate images (the adapter does not name its base model)")
+        if not base.startswith("tiny:"):
+            check_base_exists(base)
+    return Plan(tuple(subjects), base, dreambench_file)

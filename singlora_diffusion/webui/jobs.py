@@ -1,0 +1,61 @@
+"""A training run in a background process: start, poll its progress, cancel cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..training.loop import PROGRESS_FILE
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = {"demo": "configs/demo.yaml", "sd15": "configs/sd15.yaml", "sdxl": "configs/sdxl.yaml",
+           "paper": "configs/paper_sd15.yaml"}
+
+
+@dataclass
+class Status:
+    state: str            # idle | running | finished | cancelled | failed
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    validation_image: str | None = None
+    message: str = ""
+
+
+class TrainingJob:
+    def __init__(self, output_dir: Path, args: list[str]):
+        self.output_dir = Path(output_dir)
+        self.log = self.output_dir / "webui-train.log"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), *args, "--output_dir", str(self.output_dir)]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """SIGINT: the trainer saves a checkpoint and exits (the same as Ctrl-C)."""
+        if self.proc.poll() is None:
+            self.cancelled = True
+            self.proc.send_signal(signal.SIGINT)
+
+    def status(self) -> Status:
+        progress = {}
+        path = self.output_dir / PROGRESS_FILE
+        if path.is_file():
+            try:
+                progress = json.loads(path.read_text())
+            except ValueError:
+                progress = {}  # being rewritten right now: next poll
+        code = self.proc.poll()
+        state = "running" if code is None else "cancelled" if self.cancelled else "finished" if code == 0 else "failed"
+        message = ""
+        if state == "failed":
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+            message = lines[-1] if lines else f"exit code {code}"
+        return Status(state, progress.get("step", 0), progress.get("total", 0), progress.get("loss"),
+                      progress.get("validation_image"), message)
