@@ -35,7 +35,7 @@ def test_generate_in_a_real_browser(browser, tiny_pipeline_dir, tmp_path):
         prompt = page.get_by_label("Prompt", exact=True)
         prompt.fill("a photo of sks dog on the beach")
         page.get_by_role("button", name="Generate", exact=True).click()
-        image = page.locator(".gallery img, [data-testid='gallery'] img, button img").first
+        image = page.locator("#gallery img[src*='gradio_api/file=']").first  # the served PNG, not an icon
         image.wait_for(state="visible", timeout=120_000)
         page.wait_for_timeout(500)
         shot = image.screenshot()

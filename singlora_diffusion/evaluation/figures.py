@@ -31,8 +31,8 @@ def _thumb(source, side: int) -> Image.Image:
 
 
 def _stamp(draw: ImageDraw.ImageDraw, stamp: str | None, y: int = 4) -> None:
-    if stamp:
-        draw.text((8, y), stamp, fill=_RED, font=_font(16))
+    if stamp:  # Pillow's built-in font has no em dash
+        draw.text((8, y), stamp.replace("—", "-"), fill=_RED, font=_font(16))
 
 
 def grid(rows: list[tuple[str, list, dict[str, list]]], stamp: str | None = None, side: int = 96,
@@ -82,7 +82,7 @@ def per_prompt_bars(prompts: list[str], scores: dict[str, dict[str, dict[str, fl
     methods = list(scores)
     font = _font()
     label_w = min(360, 8 + max((int(font.getlength(p)) for p in prompts), default=0))
-    bar_h, group_gap, panel_w, panel_gap = 7, 6, 220, 24
+    bar_h, group_gap, panel_w, panel_gap = 7, 6, 220, 40
     top = (28 if stamp else 4) + 40
     group_h = bar_h * max(1, len(methods)) + group_gap
     height = top + group_h * len(prompts) + 30
@@ -108,7 +108,7 @@ def per_prompt_bars(prompts: list[str], scores: dict[str, dict[str, dict[str, fl
         draw.text((x0, top - 20), title, fill="black", font=font)
         bottom = top + group_h * len(prompts)
         draw.line([to_x(0), top, to_x(0), bottom], fill="black")
-        for tick in range(round(lo * 10), round(hi * 10) + 1, 2 if hi - lo > 1 else 1):
+        for tick in range(round(lo * 10), round(hi * 10) + 1, 2 if hi - lo > 0.5 else 1):
             t = tick / 10
             draw.line([to_x(t), bottom, to_x(t), bottom + 4], fill="black")
             draw.text((to_x(t) - 8, bottom + 6), f"{t:.1f}", fill="black", font=font)

@@ -32,6 +32,7 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
     adapters_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(work_dir or adapters_dir / "webui").resolve()
     engine = Engine(base, work_dir / "images")
+    native = engine.pipe.unet.config.sample_size * engine.pipe.vae_scale_factor  # the model's own size
     state = {"job": None}
 
     def _request(prompt, negative, steps, guidance, seed, n, width, height, strength):
@@ -153,12 +154,12 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
                 seed = gr.Number(value=0, label="Seed", precision=0)
                 dice = gr.Button("Random seed")
                 n = gr.Number(value=1, label="Images", precision=0)
-                width = gr.Number(value=512 if not base.startswith("tiny:") else 64, label="Width", precision=0)
-                height = gr.Number(value=512 if not base.startswith("tiny:") else 64, label="Height", precision=0)
+                width = gr.Number(value=native, label="Width", precision=0)
+                height = gr.Number(value=native, label="Height", precision=0)
             with gr.Row():
                 gen_btn = gr.Button("Generate", variant="primary")
                 cmp_btn = gr.Button("Compare with base")
-            gallery = gr.Gallery(label="Images", columns=4, format="png")
+            gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gallery")
             inputs = [prompt, negative, steps, guidance, seed, n, width, height, strength]
             base_btn.click(choose_base, base_box, status, api_name="load_base")
             adapter.change(choose_adapter, adapter, status, api_name="choose_adapter")

@@ -1,0 +1,109 @@
+"""evaluate(cfg): plan -> weights -> generate -> embed -> report. What eval/evaluate.py calls.
+
+Ordering constraints, each for a reason:
+  1. make_plan and resolve_weights load nothing: a wrong path or missing DINO/CLIP weights
+     stops the run before a multi-GB Stable Diffusion model is loaded.
+  2. The scoring models load before the diffusion model, so a failed download stops early too.
+  3. Every process lists the missing images, then all wait, then each takes its share: no
+     process can see another's new files and skip or double an image.
+  4. Scoring waits for all generation; reports wait for all scoring (only the main process
+     writes them, from the embedding caches).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import EvalConfig
+from .embed import load_scorer
+from .generation import (all_units, check_settings, generate, generated_images, load_base, unit_path,
+                         write_manifests, write_settings)
+from .models import RANDOM_STAMP, MissingWeightsError, resolve_weights
+from .plan import make_plan
+from .report import build_scores, summary_table, write_report
+from .scoring import collect, embed_subject
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Path] | None:
+    """The whole evaluation; returns the report files (None on processes other than the main one)."""
+    import dataclasses
+
+    from accelerate import PartialState
+
+    plan = make_plan(cfg)
+    dino_weights, clip_weights = resolve_weights(cfg.dino_weights, cfg.clip_weights, cfg.allow_random_weights)
+    settings = check_settings(plan, cfg) if cfg.generates else {}
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    out = Path(cfg.out)
+    scorer = load_scorer(dino_weights, clip_weights, str(state.device), cfg.allow_random_weights)
+    if scorer.random_weights and main:
+        which = [name for name, w in (("DINO", scorer.dino_weights), ("CLIP", scorer.clip_weights)) if w.random]
+        warnings.warn(f"{RANDOM_STAMP}: {' and '.join(which)} run with random weights (--allow_random_weights)",
+                      UserWarning, stacklevel=2)
+    if main:
+        write_settings(out, settings)
+        (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
+
+    if cfg.generates:
+        todo = [u for u in all_units(plan, cfg) if not unit_path(out, u).is_file()]
+        state.wait_for_everyone()  # all have listed what is missing before anyone writes an image
+        mine = todo[rank::world]
+        if mine:
+            pipe = load_base(plan, cfg, state.device)
+            with _progress(len(mine), f"generating (process {rank + 1}/{world})", main) as bar:
+                generate(pipe, mine, plan, cfg, (rank, world), bar)
+            del pipe
+        state.wait_for_everyone()
+        if main:
+            write_manifests(plan, cfg)
+
+    images = generated_images(plan, cfg)
+    my_subjects = plan.subjects[rank::world]
+    total = sum(len(s.photos) + sum(len(images[(s.name, m)]) for m in s.methods(cfg.baseline)) for s in my_subjects)
+    with _progress(total, f"scoring (process {rank + 1}/{world})", main) as bar:
+        for subject in my_subjects:
+            embed_subject(scorer, subject, {m: images[(subject.name, m)] for m in subject.methods(cfg.baseline)},
+                          cfg, bar)
+    state.wait_for_everyone()
+
+    files = None
+    if main:
+        results = collect(plan, cfg, images, scorer.identity())
+        scores = build_scores(results, cfg, scorer.describe(), scorer.random_weights, plan.base)
+        files = write_report(out, results, scores)
+        stamp = f"\n{RANDOM_STAMP}\n" if scorer.random_weights else ""
+        print(f"{stamp}\n{summary_table(scores)}\n{stamp}\nreport: {files['report.md']}")
+    state.wait_for_everyone()
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import parse_config
+
+    code = 0
+    try:
+        evaluate(parse_config(argv))
+    except KeyboardInterrupt:
+        code = 130  # images and embeddings written so far are kept; run again to resume
+    except (ValueError, FileNotFoundError, PermissionError, MissingWeightsError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo can abort at interpreter exit ("terminate called without an active
+        # exception"); leaving without interpreter teardown avoids it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
