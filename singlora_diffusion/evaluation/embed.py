@@ -1,11 +1,12 @@
 """Scorer: images -> DINO and CLIP image embeddings, texts -> CLIP text embeddings.
 
-Each image is decoded once for both models. While the models run on one batch, a worker
-thread decodes and preprocesses the next (Pillow releases the GIL), so decoding hides
-behind the forward passes (bench/eval_throughput.py measures how well).
+Each image is decoded once for both models. While the models run on one batch, worker
+threads decode and preprocess the next (Pillow releases the GIL), so decoding hides behind
+the forward passes (bench/eval_throughput.py measures how well).
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,23 +54,25 @@ class Scorer:
         clip = self.clip.encode_image(clip_in.to(self.device))
         return dino.float().cpu(), clip.float().cpu()
 
-    def _prepare_batch(self, sources) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [prepare(s, self.dino_preprocess, self.clip_preprocess) for s in sources]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-    def embed_images(self, sources, batch_size: int = 32, progress=None) -> dict[str, torch.Tensor]:
+    def embed_images(self, sources, batch_size: int = 32, progress=None, workers: int | None = None
+                     ) -> dict[str, torch.Tensor]:
         """{"dino": (N, 384), "clip": (N, 512)} float32 on the CPU, in the order of `sources`
-        (paths or PIL images). `progress` (a tqdm bar) advances per image."""
+        (paths or PIL images). `progress` (a tqdm bar) advances per image. `workers` threads
+        decode (default: up to 8, fewer on small machines)."""
         sources = list(sources)
         batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
+        workers = workers or max(1, min(8, (os.cpu_count() or 2) - 1))
         dino, clip = [], []
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self._prepare_batch, batches[0]) if batches else None
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            def submit(batch):
+                return [pool.submit(prepare, s, self.dino_preprocess, self.clip_preprocess) for s in batch]
+
+            pending = submit(batches[0]) if batches else []
             for k in range(len(batches)):
-                ready = pending.result()
+                pairs = [f.result() for f in pending]
                 # Decode the next batch while this one runs through the models.
-                pending = pool.submit(self._prepare_batch, batches[k + 1]) if k + 1 < len(batches) else None
-                d, c = self._forward(*ready)
+                pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
+                d, c = self._forward(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
                 dino.append(d)
                 clip.append(c)
                 if progress is not None:

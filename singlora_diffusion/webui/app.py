@@ -118,14 +118,15 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
     def poll():
         job = state["job"]
         if job is None:
-            return "No training run yet.", None
+            return "No training run yet.", "", None
         s = job.status()
         text = f"{s.state}: step {s.step}/{s.total}" + (f", loss {s.loss:.4f}" if s.loss is not None else "")
         if s.message:
             text += f"\n{s.message}"
         if s.state == "finished":
             text += "\nThe adapter is in the Generate tab's list (refresh it)."
-        return text, s.validation_image
+        bar = f'<progress value="{s.step}" max="{max(s.total, 1)}" style="width:100%"></progress>'
+        return text, bar, s.validation_image
 
     def cancel():
         if state["job"] is not None:
@@ -179,12 +180,14 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary")
                 cancel_btn = gr.Button("Cancel")
+            progress_bar = gr.HTML()
             progress = gr.Textbox(label="Progress", lines=3)
             latest = gr.Image(label="Latest validation image", type="filepath")
             train_btn.click(start_training, [photos, folder, instance_prompt, class_name, preset, train_steps],
                             progress, api_name="train")
             cancel_btn.click(cancel, None, progress, api_name="cancel_training")
-            gr.Timer(1.0).tick(poll, None, [progress, latest], api_name="training_status", queue=False)
+            gr.Timer(1.0).tick(poll, None, [progress, progress_bar, latest], api_name="training_status",
+                               queue=False)
     app.queue(default_concurrency_limit=1)  # one heavy job at a time; the rest wait their turn, in order
     app.engine = engine
     return app

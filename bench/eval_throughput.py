@@ -1,0 +1,153 @@
+"""How fast does the evaluation score images? Next to the raw forward throughput of its two models.
+
+    .venv/bin/python -m bench.eval_throughput            # full run, ~2 min on 2 CPU cores
+    .venv/bin/python -m bench.eval_throughput --quick    # a few images, keeps the script working
+
+Scoring models: DINO ViT-S/16 and CLIP ViT-B/32 with random weights (the speed does not
+depend on the values), float32, on CUDA if present, else the CPU. Images: the bundled dog3
+photos resized to 512x512 and saved as PNG (what a Stable Diffusion 1.5 run writes),
+repeated to --images files.
+
+  raw forward       the two models on ready-made (batch, 3, 224, 224) tensors: the ceiling
+  embed_images      Scorer.embed_images on the files: decode, both preprocessings, forward
+  embed_subject     the evaluation's scoring phase on a fresh cache: + hashing each file
+                    for the cache key, the subject's real photos, writing the cache
+
+Each round times every measure once, in rotating order; images/s is per measure the median
+over rounds and the ratio is per round against the raw forward of that round, median
+[min, max]. Goal: embed_subject >= 0.90x raw forward (decode, preprocessing and
+bookkeeping cost <= 10 %).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+GOAL = 0.90
+SETTINGS = {"full": dict(images=64, batch=32, rounds=5), "quick": dict(images=4, batch=2, rounds=1)}
+
+
+def make_images(folder: Path, count: int, side: int = 512) -> list[Path]:
+    from PIL import Image
+
+    from singlora_diffusion.bundled import bundled_subject
+
+    photos = sorted(bundled_subject().glob("*.jpg"))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        with Image.open(photos[i % len(photos)]) as photo:
+            image = photo.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+        path = folder / f"image {i}_{i}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def raw_forward(scorer, count: int, batch: int) -> float:
+    """Seconds for `count` images through both models, inputs already on the device."""
+    x = torch.randn(batch, 3, 224, 224, device=scorer.device)
+    sync(scorer.device)
+    start = time.perf_counter()
+    for first in range(0, count, batch):
+        n = min(batch, count - first)
+        scorer._forward(x[:n], x[:n])
+    sync(scorer.device)
+    return time.perf_counter() - start
+
+
+def embed_images(scorer, paths, batch: int) -> float:
+    start = time.perf_counter()
+    scorer.embed_images(paths, batch)
+    sync(scorer.device)
+    return time.perf_counter() - start
+
+
+def embed_subject(scorer, paths, photos, batch: int, scratch: Path) -> float:
+    """The evaluation's own scoring phase for one subject, from an empty cache."""
+    from singlora_diffusion.evaluation.config import EvalConfig
+    from singlora_diffusion.evaluation.images import GeneratedImage
+    from singlora_diffusion.evaluation.plan import Subject
+    from singlora_diffusion.evaluation.protocol import Prompt
+    from singlora_diffusion.evaluation.scoring import embed_subject as run
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    cfg = EvalConfig(out=str(scratch), subject_dir="unused", score_batch_size=batch)
+    images = [GeneratedImage(p, Prompt(p.stem.rpartition("_")[0]), 0) for p in paths]
+    start = time.perf_counter()
+    run(scorer, Subject("bench", "dog", tuple(photos)), {"adapter": images}, cfg)
+    sync(scorer.device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    from singlora_diffusion.bundled import bundled_subject
+    from singlora_diffusion.evaluation.embed import load_scorer
+    from singlora_diffusion.evaluation.models import Weights
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4 images, batch 2, 1 round: seconds")
+    ap.add_argument("--images", type=int, help="image files scored per measure (default 64; quick: 4)")
+    ap.add_argument("--batch", type=int, help="images per forward (default 32; quick: 2)")
+    ap.add_argument("--rounds", type=int, help="rounds (default 5; quick: 1)")
+    ap.add_argument("--json", metavar="PATH", help="also write settings and per-round times here")
+    args = ap.parse_args(argv)
+    s = dict(SETTINGS["quick" if args.quick else "full"])
+    s.update({k: v for k, v in (("images", args.images), ("batch", args.batch), ("rounds", args.rounds)) if v})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = load_scorer(Weights("dino", "random"), Weights("clip", "random"), device, True)
+    photos = sorted(bundled_subject().glob("*.jpg"))
+    work = Path(tempfile.mkdtemp(prefix="eval_throughput_"))
+    try:
+        paths = make_images(work / "images", s["images"])
+        # warm-up: first calls allocate, pick kernels and fill the page cache
+        raw_forward(scorer, s["batch"], s["batch"])
+        embed_images(scorer, paths[: s["batch"]], s["batch"])
+        measures = {
+            "raw forward": lambda: raw_forward(scorer, s["images"], s["batch"]),
+            "embed_images": lambda: embed_images(scorer, paths, s["batch"]),
+            # the 6 real photos are embedded too: counted as images scored
+            "embed_subject": lambda: embed_subject(scorer, paths, photos, s["batch"], work / "cache"),
+        }
+        counts = {"raw forward": s["images"], "embed_images": s["images"], "embed_subject": s["images"] + len(photos)}
+        times: dict[str, list[float]] = {name: [] for name in measures}
+        names = list(measures)
+        for r in range(s["rounds"]):
+            for name in names[r % len(names):] + names[: r % len(names)]:  # rotating order
+                times[name].append(measures[name]())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    rate = {n: [counts[n] / t for t in ts] for n, ts in times.items()}
+    threads = torch.get_num_threads()
+    print(f"device {device}, {threads} torch threads, {os.cpu_count()} cores; {s['images']} PNG images 512x512, "
+          f"batch {s['batch']}, {s['rounds']} round(s); random weights, float32")
+    print("\n| measure | images/s | x raw forward |\n|---|---:|---:|")
+    for name in names:
+        ratios = [a / b for a, b in zip(rate[name], rate["raw forward"])]
+        print(f"| {name} | {statistics.median(rate[name]):.2f} | {statistics.median(ratios):.2f}x "
+              f"[{min(ratios):.2f}, {max(ratios):.2f}] |")
+    ratio = statistics.median(a / b for a, b in zip(rate["embed_subject"], rate["raw forward"]))
+    print(f"\nembed_subject {ratio:.2f}x raw forward ({'meets' if ratio >= GOAL else 'MISSES'} >= {GOAL:.2f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "settings": s, "device": device, "threads": threads, "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "seconds": times, "images_per_s": rate}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
