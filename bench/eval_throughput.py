@@ -8,7 +8,8 @@ depend on the values), float32, on CUDA if present, else the CPU. Images: the bu
 photos resized to 512x512 and saved as PNG (what a Stable Diffusion 1.5 run writes),
 repeated to --images files.
 
-  raw forward       the two models on ready-made (batch, 3, 224, 224) tensors: the ceiling
+  raw forward       the two models on the same images, preprocessed beforehand (untimed) and
+                    already on the device: the ceiling
   embed_images      Scorer.embed_images on the files: decode, both preprocessings, forward
   embed_subject     the evaluation's scoring phase on a fresh cache: + hashing each file
                     for the cache key, the subject's real photos, writing the cache
@@ -58,16 +59,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def raw_forward(scorer, count: int, batch: int) -> float:
-    """Seconds for `count` images through both models, inputs already on the device."""
-    x = torch.randn(batch, 3, 224, 224, device=scorer.device)
+def raw_forward(scorer, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Seconds for the batches `inputs` (already preprocessed, on the device) through both models."""
     sync(scorer.device)
     start = time.perf_counter()
-    for first in range(0, count, batch):
-        n = min(batch, count - first)
-        scorer._forward(x[:n], x[:n])
+    for dino_in, clip_in in inputs:
+        scorer._forward(dino_in, clip_in)
     sync(scorer.device)
     return time.perf_counter() - start
+
+
+def preprocessed(scorer, paths, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The very tensors embed_images would feed the models, made once, untimed."""
+    from singlora_diffusion.evaluation.preprocess import prepare
+
+    pairs = [prepare(p, scorer.dino_preprocess, scorer.clip_preprocess) for p in paths]
+    return [(torch.stack([d for d, _ in pairs[i:i + batch]]).to(scorer.device),
+             torch.stack([c for _, c in pairs[i:i + batch]]).to(scorer.device)) for i in range(0, len(pairs), batch)]
 
 
 def embed_images(scorer, paths, batch: int) -> float:
@@ -115,10 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         paths = make_images(work / "images", s["images"])
         # warm-up: first calls allocate, pick kernels and fill the page cache
-        raw_forward(scorer, s["batch"], s["batch"])
+        inputs = preprocessed(scorer, paths, s["batch"])
+        raw_forward(scorer, inputs[:1])
         embed_images(scorer, paths[: s["batch"]], s["batch"])
         measures = {
-            "raw forward": lambda: raw_forward(scorer, s["images"], s["batch"]),
+            "raw forward": lambda: raw_forward(scorer, inputs),
             "embed_images": lambda: embed_images(scorer, paths, s["batch"]),
             # the 6 real photos are embedded too: counted as images scored
             "embed_subject": lambda: embed_subject(scorer, paths, photos, s["batch"], work / "cache"),

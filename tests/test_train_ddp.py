@@ -1,4 +1,5 @@
 """Two processes on CPU (gloo) through accelerate launch; resume with one process."""
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +28,10 @@ def test_two_processes_then_resume_with_one(tiny_pipeline_dir, tmp_path):
     assert "2 process(es)" in run.stdout  # the summary, printed once by the main process
     assert run.stdout.count("files written:") == 1
     assert read_adapter(out / "singlora_weights.safetensors").step == 4
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert (state["samples_seen"], state["num_processes"]) == (8, 2)  # 4 steps x batch 1 x 2 shards
     # the checkpoint of a 2-process run resumes in a single process
     train(tiny_config(tiny_pipeline_dir(), out, max_train_steps=6, checkpointing_steps=2,
                       resume_from_checkpoint="latest"))
     assert read_adapter(out / "singlora_weights.safetensors").step == 6
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["samples_seen"] == 10

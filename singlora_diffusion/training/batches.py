@@ -3,8 +3,8 @@
 Everything random in a micro-batch (which images, crop, flip, noise, timesteps)
 is drawn after `seed_position` seeds the RNG from (seed, micro-batch index,
 rank). A run resumed from a checkpoint, or restarted after a crash, therefore
-draws exactly what the uninterrupted run drew; the data position is just the
-micro-batch index.
+draws exactly what the uninterrupted run drew; the data position is the
+number of samples consumed.
 """
 from __future__ import annotations
 
@@ -24,16 +24,16 @@ def seed_position(seed: int, micro_step: int, rank: int) -> None:
     random.seed(s)
 
 
-def sample_indices(n: int, micro_step: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
-    """Indices of this rank's images: a seeded permutation per epoch, sharded across ranks.
+def sample_indices(n: int, first_sample: int, batch: int, seed: int) -> list[int]:
+    """Image indices of samples first_sample .. first_sample + batch - 1 of the global stream.
 
-    The global sample stream is s = (micro_step·world + rank)·batch + j, so
-    each process sees a disjoint shard and a changed process count keeps the
-    position (samples seen) when resuming.
+    The stream is one seeded permutation of the n images per epoch. Processes take
+    consecutive slices of it (see fit), so they see disjoint shards, and a checkpoint
+    records how many samples were consumed: a resume with another process count
+    continues the same stream.
     """
     out = []
-    for j in range(batch):
-        s = (micro_step * world + rank) * batch + j
+    for s in range(first_sample, first_sample + batch):
         epoch, pos = divmod(s, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         out.append(int(perm[pos]))

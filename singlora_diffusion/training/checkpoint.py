@@ -2,7 +2,7 @@
 
 A checkpoint holds the adapter weights (safetensors; for SingLoRA the native
 file, which carries the ramp step), the optimizer and LR-scheduler states, the
-RNG states and trainer_state.json (optimizer steps done, micro-batches done =
+RNG states and trainer_state.json (optimizer steps done, samples consumed =
 the data position, seed, process count). Optimizer/scheduler/RNG states are
 torch.save'd tensors and numbers, read back with weights_only=True (no code
 is ever unpickled).

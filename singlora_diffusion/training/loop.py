@@ -86,20 +86,24 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
 
     output_dir = Path(cfg.output_dir)
     write = lambda folder: write_weights(trainee, folder, cfg.pretrained_model_name_or_path, cfg)
-    step, last_ckpt = 0, None
+    step, last_ckpt, samples_at_start = 0, None, 0
     resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     if resume is not None:
         state = load_checkpoint(resume, lambda f: read_weights(trainee, f), optimizer, lr_scheduler)
-        step, last_ckpt = state["step"], resume
+        step, last_ckpt, samples_at_start = state["step"], resume, state["samples_seen"]
         log(f"resumed from {resume} at step {step} (saved by {state.get('num_processes', 1)} process(es))")
+    start_position = step * cfg.gradient_accumulation_steps
+    # Micro-batch `position` takes, for this rank, a slice of the global sample stream.
+    per_position = world * cfg.train_batch_size
+    first_sample = lambda position: samples_at_start + (position - start_position) * per_position
 
     def checkpoint(at: int) -> Path | None:
         accelerator.wait_for_everyone()
         path = None
         if accelerator.is_main_process:
             path = save_checkpoint(output_dir, at, write, optimizer, lr_scheduler,
-                                   {"micro_steps": at * cfg.gradient_accumulation_steps, "seed": cfg.seed,
-                                    "num_processes": world}, cfg.checkpoints_total_limit)
+                                   {"samples_seen": first_sample(at * cfg.gradient_accumulation_steps),
+                                    "seed": cfg.seed, "num_processes": world}, cfg.checkpoints_total_limit)
         accelerator.wait_for_everyone()
         return path or output_dir / f"checkpoint-{at}"
 
@@ -118,12 +122,13 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
                 position = step * cfg.gradient_accumulation_steps + micro
                 seed_position(cfg.seed, position, rank)
                 with accelerator.accumulate(unet):
-                    ids = sample_indices(n_inst, position, bs, rank, world, cfg.seed)
+                    mine = first_sample(position) + rank * bs
+                    ids = sample_indices(n_inst, mine, bs, cfg.seed)
                     latents, time_ids = instance.get(ids)
                     texts = [cfg.instance_prompt] * bs
                     if prior is not None:
                         class_latents, class_time_ids = prior.get(sample_indices(
-                            len(inputs.class_images), position, bs, rank, world, cfg.seed + 1))
+                            len(inputs.class_images), mine, bs, cfg.seed + 1))
                         latents, time_ids = torch.cat([latents, class_latents]), torch.cat([time_ids, class_time_ids])
                         texts += [cfg.class_prompt] * bs
                     latents = latents.to(device, trainee.weight_dtype)
