@@ -57,12 +57,42 @@ def _u(trainee: Trainee) -> float:
     return float(ramp(m.singlora_step, m.ramp_up_steps))
 
 
+def micro_batch_loss(cfg: TrainConfig, trainee: Trainee, accelerator, noise_scheduler, prompts: PromptEncoder,
+                     instance: LatentSource, prior: LatentSource | None, first: int):
+    """The DreamBooth loss of samples first .. first + batch - 1 (and as many class images)."""
+    bs, device, dtype = cfg.train_batch_size, accelerator.device, trainee.weight_dtype
+    latents, time_ids = instance.get(sample_indices(len(instance.paths), first, bs, cfg.seed))
+    texts = [cfg.instance_prompt] * bs
+    if prior is not None:
+        class_latents, class_time_ids = prior.get(sample_indices(len(prior.paths), first, bs, cfg.seed + 1))
+        latents, time_ids = torch.cat([latents, class_latents]), torch.cat([time_ids, class_time_ids])
+        texts += [cfg.class_prompt] * bs
+    latents = latents.to(device, dtype)
+    embeds, pooled = zip(*(prompts.get(t) for t in texts))
+    noisy, noise, timesteps = add_noise(noise_scheduler, latents, cfg.noise_offset)
+    cond = {}
+    if pooled[0] is not None:  # SDXL: pooled text and micro-conditioning (original size, crop, target size)
+        cond = {"added_cond_kwargs": {"text_embeds": torch.cat(pooled), "time_ids": time_ids.to(device, dtype)}}
+    with accelerator.autocast():
+        pred = trainee.pipe.unet(noisy, timesteps, torch.cat(embeds), **cond).sample
+    per_sample = per_sample_loss(pred, target_of(noise_scheduler, latents, noise, timesteps), noise_scheduler,
+                                 timesteps, cfg.snr_gamma)
+    return dreambooth_loss(per_sample, bs, cfg.prior_loss_weight)
+
+
+def average_gradients(params, accelerator) -> None:
+    """Adapters are small: one all-reduce of all their gradients, flattened (no DDP wrapper needed)."""
+    flat = accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="mean")
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p.grad))
+
+
 def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=print) -> FitResult:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    pipe, unet, device = trainee.pipe, trainee.pipe.unet, accelerator.device
+    pipe, unet = trainee.pipe, trainee.pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
@@ -107,7 +137,7 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
         accelerator.wait_for_everyone()
         return path or output_dir / f"checkpoint-{at}"
 
-    n_inst, bs = len(inputs.instance_images), cfg.train_batch_size
+    bs = cfg.train_batch_size
     models = list(trainee.trained.values())
     for m in models:
         m.train()
@@ -122,28 +152,9 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
                 position = step * cfg.gradient_accumulation_steps + micro
                 seed_position(cfg.seed, position, rank)
                 with accelerator.accumulate(unet):
-                    mine = first_sample(position) + rank * bs
-                    ids = sample_indices(n_inst, mine, bs, cfg.seed)
-                    latents, time_ids = instance.get(ids)
-                    texts = [cfg.instance_prompt] * bs
-                    if prior is not None:
-                        class_latents, class_time_ids = prior.get(sample_indices(
-                            len(inputs.class_images), mine, bs, cfg.seed + 1))
-                        latents, time_ids = torch.cat([latents, class_latents]), torch.cat([time_ids, class_time_ids])
-                        texts += [cfg.class_prompt] * bs
-                    latents = latents.to(device, trainee.weight_dtype)
-                    embeds, pooled = zip(*(prompts.get(t) for t in texts))
-                    noisy, noise, timesteps = add_noise(noise_scheduler, latents, cfg.noise_offset)
-                    cond = {}
-                    if pooled[0] is not None:
-                        # SDXL micro-conditioning: original size, crop top-left, target size
-                        cond = {"added_cond_kwargs": {"text_embeds": torch.cat(pooled),
-                                                      "time_ids": time_ids.to(device, trainee.weight_dtype)}}
-                    with accelerator.autocast():
-                        pred = unet(noisy, timesteps, torch.cat(embeds), **cond).sample
-                    per_sample = per_sample_loss(pred, target_of(noise_scheduler, latents, noise, timesteps),
-                                                 noise_scheduler, timesteps, cfg.snr_gamma)
-                    loss, logs = dreambooth_loss(per_sample, bs, cfg.prior_loss_weight)
+                    first = first_sample(position) + rank * bs
+                    loss, logs = micro_batch_loss(cfg, trainee, accelerator, noise_scheduler, prompts, instance, prior,
+                                                  first)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"loss became {loss.item()} at step {step + 1}; training stopped. The last good "
@@ -151,9 +162,8 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
                             f"--learning_rate or use --mixed_precision bf16/no, then resume from it.")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        if world > 1:  # adapters are small: one all-reduce of their gradients
-                            for p in params:
-                                p.grad = accelerator.reduce(p.grad, reduction="mean")
+                        if world > 1:
+                            average_gradients(params, accelerator)
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
