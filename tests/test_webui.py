@@ -87,6 +87,12 @@ def test_upload_accepted_and_rejected(ui, tmp_path):
     shutil.copyfile(adapters / "dog.safetensors", good)
     dropdown, status = client.predict(handle_file(str(good)), api_name="/upload_adapter")
     assert "uploads/uploaded_dog.safetensors" in status
+    from singlora_diffusion.export import export_kohya
+
+    kohya = export_kohya(adapters / "dog.safetensors", tmp_path / "dog_kohya.safetensors")  # a standard LoRA file
+    _, status = client.predict(handle_file(str(kohya)), api_name="/upload_adapter")
+    assert "uploads/dog_kohya.safetensors" in status
+    assert len(call(client)) == 1
     bad = tmp_path / "not_an_adapter.safetensors"
     save_file({"some.weight": torch.zeros(3, 3)}, str(bad))
     with pytest.raises(Exception, match="not an adapter for this base model"):
