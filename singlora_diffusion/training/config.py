@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from ..config import AdapterConfig
+from ..dataclass_cli import dataclass_parser
 
 PRECISIONS = ("no", "fp16", "bf16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -108,38 +107,10 @@ class TrainConfig(AdapterConfig):
 
 # -- CLI and YAML, derived from the dataclass ------------------------------------------------
 
-def _field_type(f: dataclasses.Field):
-    """(python type, optional?) of a field annotation like `int | None`."""
-    hint = typing.get_type_hints(TrainConfig)[f.name]
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
-    return (args[0] if len(args) == 1 else str), type(None) in typing.get_args(hint)
-
-
-def _parse_value(text: str, kind, optional: bool):
-    if optional and text.lower() in ("none", "null", ""):
-        return None
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    return kind(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_dreambooth.py", description="DreamBooth fine-tuning with SingLoRA "
-                                "(or PEFT LoRA/DoRA) adapters. Flags override the --config YAML.",
-                                argument_default=argparse.SUPPRESS)
+    p = dataclass_parser(TrainConfig, "train_dreambooth.py", "DreamBooth fine-tuning with SingLoRA (or PEFT "
+                         "LoRA/DoRA) adapters. Flags override the --config YAML.")
     p.add_argument("--config", help="YAML file of settings (keys = flag names)")
-    for f in dataclasses.fields(TrainConfig):
-        kind, optional = _field_type(f)
-        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
-        if kind is bool:  # `--flag` alone means true, as in diffusers; `--flag false` also works
-            p.add_argument(f"--{f.name}", nargs="?", const=True, type=lambda t, k=kind, o=optional: _parse_value(t, k, o),
-                           help=help_text)
-        else:
-            p.add_argument(f"--{f.name}", type=lambda t, k=kind, o=optional: _parse_value(t, k, o),
-                           choices=f.metadata.get("choices"), help=help_text)
     return p
 
 
