@@ -179,3 +179,18 @@ def test_analytics_off_and_exposure_warning(tmp_path):
     assert exposure_warning("127.0.0.1", False) is None
     assert "reachable from other machines" in exposure_warning("0.0.0.0", False)
     assert "--share" in exposure_warning("127.0.0.1", True)
+
+
+def test_evaluate_tab_shows_the_metric_table_and_plot(ui):
+    client, _, adapters, _ = ui
+    subject = adapters / "eval_subject"
+    if not subject.exists():
+        shutil.copytree(Path(__file__).resolve().parents[1] / "singlora_diffusion/assets/dog3", subject)
+    table, plot, grid = client.predict("dog.safetensors", "eval_subject", "dog", "a {0} {1} on the beach", 1, 2, True,
+                                       api_name="/evaluate")
+    assert "RANDOM WEIGHTS" in table and "real" in table.lower() and "DINO" in table
+    assert Image.open(plot["path"] if isinstance(plot, dict) else plot).size[0] > 0
+    with pytest.raises(Exception, match="outside the allowed folder"):
+        client.predict("dog.safetensors", "../..", "dog", "", 1, 2, True, api_name="/evaluate")
+    with pytest.raises(Exception, match="(?i)weights"):  # offline without real scoring weights: a clear message
+        client.predict("dog.safetensors", "eval_subject", "dog", "a {0} {1}", 1, 2, False, api_name="/evaluate")

@@ -128,6 +128,33 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
         bar = f'<progress value="{s.step}" max="{max(s.total, 1)}" style="width:100%"></progress>'
         return text, bar, s.validation_image
 
+    # -- evaluation ----------------------------------------------------------------------
+    @_errors
+    def run_evaluation(adapter_name, subject, class_name, prompts_text, num_images, steps, random_weights):
+        from ..evaluation.config import EvalConfig
+        from ..evaluation.models import MissingWeightsError
+        from ..evaluation.run import evaluate
+
+        if not adapter_name:
+            raise BadRequest("Pick an adapter to evaluate.")
+        subject_dir = confine(adapters_dir, subject) if subject else None
+        if subject_dir is None or not subject_dir.is_dir():
+            raise BadRequest(f"Give the folder of the subject's real photos inside {adapters_dir}.")
+        out = adapters_dir / "evaluations" / time.strftime("%Y%m%d-%H%M%S")
+        out.mkdir(parents=True)
+        prompts = "dreambench"
+        if (prompts_text or "").strip():
+            prompts = str(out / "prompts.txt")
+            Path(prompts).write_text(prompts_text.strip() + "\n")
+        try:
+            cfg = EvalConfig(out=str(out), subject_dir=str(subject_dir), class_name=class_name or None,
+                             adapter=str(confine(adapters_dir, adapter_name)), base=engine.base, prompts=prompts,
+                             num_images=int(num_images), steps=int(steps), allow_random_weights=bool(random_weights))
+            files = evaluate(cfg)
+        except (ValueError, FileNotFoundError, MissingWeightsError) as e:
+            raise BadRequest(str(e)) from None
+        return files["report.md"].read_text(), str(files["per_prompt.png"]), str(files["grid.png"])
+
     def cancel():
         if state["job"] is not None:
             state["job"].cancel()
@@ -188,6 +215,31 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
             cancel_btn.click(cancel, None, progress, api_name="cancel_training")
             gr.Timer(1.0).tick(poll, None, [progress, progress_bar, latest], api_name="training_status",
                                queue=False)
+        with gr.Tab("Evaluate"):
+            gr.Markdown("DINO, CLIP-I and CLIP-T as the DreamBench protocol defines them (see docs/evaluation.md). "
+                        "Real scoring weights come from timm/open_clip (downloaded once, or local files via "
+                        "eval/evaluate.py); offline, only a smoke test with random weights can run.")
+            with gr.Row():
+                eval_adapter = gr.Dropdown(choices=list_adapters(adapters_dir), label="Adapter")
+                eval_refresh = gr.Button("Refresh list")
+                eval_subject = gr.Textbox(label=f"Subject photos: a folder inside {adapters_dir}")
+                eval_class = gr.Textbox(label="Class", value="dog")
+            eval_prompts = gr.Textbox(label="Prompts, one per line with {0} = identifier, {1} = class "
+                                            "(empty: the 25 DreamBench prompts)", lines=3)
+            with gr.Row():
+                eval_n = gr.Number(value=1, label="Images per prompt", precision=0)
+                eval_steps = gr.Number(value=20, label="Steps", precision=0)
+                eval_random = gr.Checkbox(label="Allow random scoring weights (smoke test: scores meaningless)")
+                eval_btn = gr.Button("Evaluate", variant="primary")
+            eval_table = gr.Markdown()
+            with gr.Row():
+                eval_plot = gr.Image(label="Per-prompt scores", type="filepath")
+                eval_grid = gr.Image(label="Real (left) and generated images", type="filepath")
+            eval_refresh.click(lambda: gr.update(choices=list_adapters(adapters_dir)), None, eval_adapter,
+                               api_name=False)
+            eval_btn.click(run_evaluation, [eval_adapter, eval_subject, eval_class, eval_prompts, eval_n,
+                                            eval_steps, eval_random], [eval_table, eval_plot, eval_grid],
+                           api_name="evaluate")
     app.queue(default_concurrency_limit=1)  # one heavy job at a time; the rest wait their turn, in order
     app.engine = engine
     return app
