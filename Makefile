@@ -36,6 +36,8 @@ webui: venv
 
 bench: venv
 	$(PY) -m bench.adapter_overhead
+	$(PY) -m bench.trainer_throughput
+	$(PY) -m bench.eval_throughput
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,26 +1,22 @@
 """How fast does our DreamBooth trainer train? Steps/s and peak memory, next to diffusers' script.
 
-    .venv/bin/python -m bench.trainer_throughput                  # full run, ~7 min on 2 cores
-    .venv/bin/python -m bench.trainer_throughput --diffusers_script /tmp/train_dreambooth_lora.py
-    .venv/bin/python -m bench.trainer_throughput --quick          # tiny pipeline, keeps the script working
+    .venv/bin/python -m bench.trainer_throughput --diffusers_script PATH  # full run, ~9 min on 2 cores
+    .venv/bin/python -m bench.trainer_throughput                          # our trainer only, ~5 min
+    .venv/bin/python -m bench.trainer_throughput --quick                  # tiny pipeline, keeps it working
 
-The base is a local diffusers folder built once: the tiny SD1.5 pipeline (CLIP tokenizer,
-5-layer text encoder of width 48) with an SD-architecture UNet of 17.6M parameters and a
-4-block VAE (downsampling 8), so 256 px trains on 32x32 latents; random weights, fp32, CPU.
-Configurations: adapter lora / singlora (preset attn, rank 8) x latent and prompt caching
-on / off, batch 1, center crop, no validation, no checkpoint inside the timed steps.
-With --diffusers_script, diffusers' examples/dreambooth/train_dreambooth_lora.py runs on the
-same folder, images and flags (it encodes images and, by default, the prompt every step).
+Base: the tiny SD1.5 pipeline with an SD-architecture UNet of 17.6M parameters and a 4-block
+VAE (256 px -> 32x32 latents), random weights, saved once as a local folder; fp32, CPU.
+Ours: --adapter lora / singlora (preset attn, rank 8), latent and prompt caching on (default)
+and off; batch 1, center crop, no validation, no tracker, no checkpoint in the timed steps.
+PATH: a copy of diffusers' examples/dreambooth/train_dreambooth_lora.py (not in the wheel), run
+unmodified at the same settings, with and without --pre_compute_text_embeddings.
 
-Each run is a fresh process (so ru_maxrss is that configuration's peak) that runs the
-trainer's own phases, validate -> build -> fit (diffusers: the whole script, unmodified).
-A global optimizer step post-hook stamps the time after every optimizer step; after
-`warmup` steps, each interval between stamps is one whole step, so model
-loading, the first steps and the final save are excluded and every per-step cost
-(data, noise, forward, backward, AdamW, logging) is included, the same way for both trainers;
-steps/s is 1 / the median step, robust to a step stalled by other work on a shared machine.
-Rounds run every configuration once in rotating order; ratios are per round against the
-baseline (lora without caching) of the same round: median [min, max].
+Each run is a fresh process (ru_maxrss = its peak) running our phases validate -> build -> fit,
+or the whole diffusers script. A global optimizer step post-hook stamps every optimizer step;
+after `warmup` steps each interval is one whole step (data, noise, forward, backward, clipping,
+AdamW, logging), one clock for both trainers, loading and final save outside it. steps/s =
+1 / median step: a step stalled by other work on a shared machine does not move it. Rounds run
+every configuration in rotating order; ratios are within a round, median [min, max] over rounds.
 """
 from __future__ import annotations
 
@@ -39,7 +35,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "singlora_diffusion" / "assets" / "dog3"
-PROMPT = "a photo of sks dog"
 NO_CACHE = ["--cache_latents", "false", "--cache_text_embeddings", "false"]
 # name -> (trainer, extra flags, what is encoded once instead of every step)
 CONFIGS = {
@@ -50,11 +45,9 @@ CONFIGS = {
     "diffusers": ("diffusers", [], "-"),
     "diffusers+pre": ("diffusers", ["--pre_compute_text_embeddings"], "prompt"),
 }
-BASELINE, GOAL = "lora", 1.10  # goal: our trainer >= 1.10x diffusers' steps/s
-SETTINGS = {
-    "full": dict(resolution=256, warmup=3, steps=30, rounds=3),
-    "quick": dict(resolution=64, warmup=1, steps=3, rounds=1),
-}
+BASELINE, GOAL = "lora", 1.10  # the spec's goal: our trainer >= 1.10x diffusers' steps/s
+SETTINGS = {"full": dict(resolution=256, warmup=3, steps=20, rounds=5),
+            "quick": dict(resolution=64, warmup=1, steps=3, rounds=1)}
 
 
 def cores() -> int:
@@ -62,7 +55,7 @@ def cores() -> int:
 
 
 def build_bench_pipeline(folder: Path) -> Path:
-    """The 18M-UNet / 4-block-VAE pipeline, saved once (built aside, then renamed)."""
+    """The 17.6M-UNet / 4-block-VAE pipeline, saved once (built aside, then renamed)."""
     if (folder / "model_index.json").is_file():
         return folder
     import torch
@@ -72,12 +65,12 @@ def build_bench_pipeline(folder: Path) -> Path:
 
     tiny = build_tiny_pipeline("sd15")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(  # the UNet of bench/adapter_overhead.py; cross-attention to the width-48 text
+    unet = UNet2DConditionModel(  # bench/adapter_overhead.py's UNet, cross-attending to the width-48 text
         sample_size=32, in_channels=4, out_channels=4, norm_num_groups=32, block_out_channels=(64, 128, 256),
         layers_per_block=2, cross_attention_dim=48, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2)
-    vae = AutoencoderKL(  # 4 blocks = 3 downsamplings: 256 px -> 32x32 latents, as SD's VAE does 512 -> 64
+    vae = AutoencoderKL(  # 4 blocks = 3 downsamplings: 256 px -> 32x32, as SD's VAE maps 512 -> 64
         block_out_channels=(32, 64, 64, 64), layers_per_block=1, in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=32, sample_size=256)
@@ -93,15 +86,15 @@ def build_bench_pipeline(folder: Path) -> Path:
 
 
 def flags(trainer: str, base: str, resolution: int, n_steps: int, out: str) -> list[str]:
-    """The settings both trainers share, in their own flag spelling (ours follows diffusers')."""
+    """The settings both trainers share, in each one's spelling (ours follows diffusers' names)."""
     common = ["--pretrained_model_name_or_path", base, "--instance_data_dir", str(IMAGES), "--instance_prompt",
-              PROMPT, "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps", str(n_steps),
-              "--rank", "8", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--seed", "0",
-              "--checkpointing_steps", str(n_steps + 1), "--report_to", "none", "--output_dir", out]
-    if trainer == "ours":
-        return common + ["--center_crop", "true", "--target_modules", "attn", "--mixed_precision", "no"]
-    # diffusers targets to_q, to_k, to_v, to_out.0 (= our attn preset) with alpha = rank, as ours.
-    return common + ["--center_crop", "--lr_warmup_steps", "0", "--mixed_precision", "no"]
+              "a photo of sks dog", "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps",
+              str(n_steps), "--rank", "8", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--seed", "0",
+              "--checkpointing_steps", str(n_steps + 1), "--report_to", "none", "--mixed_precision", "no",
+              "--output_dir", out]
+    if trainer == "ours":  # preset attn = to_q, to_k, to_v, to_out.0, alpha = rank: diffusers' LoraConfig
+        return common + ["--center_crop", "true", "--target_modules", "attn"]
+    return common + ["--center_crop", "--lr_warmup_steps", "0"]
 
 
 def child(spec: dict) -> None:
@@ -111,8 +104,8 @@ def child(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     stamps: list[float] = []
-    # Fires after every real optimizer step of any optimizer (there is one per run),
-    # inside accelerate's wrapper too: the same clock for both trainers, no change to either.
+    # Fires after every real step of any optimizer (there is one per run), inside
+    # accelerate's wrapper too: one clock for both trainers, no change to either.
     register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
     if spec["trainer"] == "ours":
         from singlora_diffusion.training.build import build, validate
@@ -120,7 +113,7 @@ def child(spec: dict) -> None:
         from singlora_diffusion.training.loop import fit
         from singlora_diffusion.training.run import make_accelerator
 
-        cfg = parse_config(spec["argv"])  # train(cfg) without class images, trackers and final export
+        cfg = parse_config(spec["argv"])  # train(cfg) less class images, trackers and the final export
         inputs = validate(cfg)
         accelerator = make_accelerator(cfg)
         fit(cfg, build(cfg, inputs, accelerator.device), inputs, accelerator, log=lambda *_: None)
@@ -129,8 +122,8 @@ def child(spec: dict) -> None:
 
         import accelerate.accelerator
 
-        # The one environment shim: the script passes --report_to straight to Accelerator(log_with=),
-        # which refuses "none". No tracker, as in our runs; the script itself runs unmodified.
+        # The one environment shim: the script hands --report_to to Accelerator(log_with=),
+        # which refuses "none". No tracker then, as in our runs; the script runs unmodified.
         real = accelerate.accelerator.filter_trackers
         accelerate.accelerator.filter_trackers = lambda log_with, *a: [] if log_with == "none" else real(log_with, *a)
         sys.argv = [spec["script"], *spec["argv"]]
@@ -147,35 +140,31 @@ def run_one(name: str, s: dict, base: str, script: str | None) -> dict:
                     argv=flags(trainer, base, s["resolution"], n_steps, f"{tmp}/out") + extra)
         proc = subprocess.run([sys.executable, "-m", "bench.trainer_throughput", "--child", json.dumps(spec)],
                               cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if proc.returncode != 0 or not Path(spec["result"]).is_file():
-            return dict(error=f"{name} exited {proc.returncode}:\n{proc.stderr[-1500:]}")  # shown at the end
+        if proc.returncode != 0 or not Path(spec["result"]).is_file():  # e.g. a script that calls sys.exit(0)
+            return dict(error=f"{name} exited {proc.returncode}:\n{proc.stderr[-1500:]}")
         r = json.loads(Path(spec["result"]).read_text())
-    stamps = r["stamps"]
-    if len(stamps) != n_steps:
-        return dict(error=f"{name}: expected {n_steps} optimizer steps, saw {len(stamps)}")
-    # Stamp warmup-1 ends the warm-up; each later interval is one whole step.
-    times = [b - a for a, b in zip(stamps[s["warmup"] - 1:], stamps[s["warmup"]:])]
-    # 1/median, not steps/total time: on a shared machine one step stalled by other work
-    # would move the mean; neither trainer has periodic work inside the timed steps.
+    if len(r["stamps"]) != n_steps:
+        return dict(error=f"{name}: expected {n_steps} optimizer steps, saw {len(r['stamps'])}")
+    times = [b - a for a, b in zip(r["stamps"][s["warmup"] - 1:], r["stamps"][s["warmup"]:])]
     return dict(steps_per_s=1 / statistics.median(times), mean_step=statistics.fmean(times), peak=r["peak"],
                 times=times)
 
 
-def run(names: list[str], s: dict, base: str, script: str | None, say=print) -> dict[str, list[dict]]:
-    """Per configuration, one result per round; rounds rotate the order so drift hits all alike."""
+def run(names: list[str], s: dict, base: str, script: str | None) -> dict[str, list[dict]]:
+    """Per configuration one result per round; the order rotates so that drift hits all alike."""
     results: dict[str, list[dict]] = {n: [] for n in names}
     for rnd in range(s["rounds"]):
         k = rnd % len(names)
         for name in names[k:] + names[:k]:
-            results[name].append(run_one(name, s, base, script))
-            r = results[name][-1]
-            say(f"  round {rnd + 1}/{s['rounds']} {name:15s} "
-                + (f"{r['steps_per_s']:.2f} steps/s" if "error" not in r else "FAILED"))
+            r = run_one(name, s, base, script)
+            results[name].append(r)
+            print(f"  round {rnd + 1}/{s['rounds']} {name:15s} "
+                  + ("FAILED" if "error" in r else f"{r['steps_per_s']:.2f} steps/s"), flush=True)
     return results
 
 
 def paired(results: dict[str, list[dict]], name: str, ref: str) -> tuple[float, float, float] | None:
-    """Median, min, max over rounds of steps/s(name) / steps/s(ref) in the same round."""
+    """Median, min, max over rounds of steps/s(name) / steps/s(ref) within the same round."""
     ratios = [a["steps_per_s"] / b["steps_per_s"] for a, b in zip(results[name], results.get(ref, []))
               if "error" not in a and "error" not in b]
     return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
@@ -187,34 +176,27 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
         ok = [r for r in rs if "error" not in r]
         med = lambda key: statistics.median(r[key] for r in ok) if ok else None  # noqa: E731
         rows.append(dict(name=name, trainer=CONFIGS[name][0], errors=[r["error"] for r in rs if "error" in r],
-                         steps_per_s=med("steps_per_s"), mean_step=med("mean_step"), peak=med("peak"),
-                         x_base=paired(results, name, BASELINE), x_diffusers=paired(results, name, "diffusers"),
-                         rounds=rs))
+                         steps_per_s=med("steps_per_s"), mean_step=med("mean_step"), peak=med("peak"), rounds=rs,
+                         x_base=paired(results, name, BASELINE), x_diffusers=paired(results, name, "diffusers")))
     return rows
 
 
-def fmt_ratio(x: tuple | None) -> str:
-    return "n/a" if x is None else f"{x[0]:.2f}x [{x[1]:.2f}, {x[2]:.2f}]"
-
-
 def table(rows: list[dict]) -> str:
+    ratio = lambda x: "n/a" if x is None else f"{x[0]:.2f}x [{x[1]:.2f}, {x[2]:.2f}]"  # noqa: E731
     lines = ["| configuration | trainer | encoded once | steps/s | x lora | x diffusers | mean step (s) "
              "| peak RSS (MB) |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         trainer = "ours" if r["trainer"] == "ours" else "diffusers train_dreambooth_lora.py"
         head = f"| {r['name']} | {trainer} | {CONFIGS[r['name']][2]} |"
-        if r["steps_per_s"] is None:
-            lines.append(head + " failed | n/a | n/a | n/a | n/a |")
-            continue
-        lines.append(head + f" {r['steps_per_s']:.2f} | {fmt_ratio(r['x_base'])} | {fmt_ratio(r['x_diffusers'])} "
-                            f"| {r['mean_step']:.3f} | {r['peak'] / 2**20:.0f} |")
+        lines.append(head + (" failed | n/a | n/a | n/a | n/a |" if r["steps_per_s"] is None else
+                             f" {r['steps_per_s']:.2f} | {ratio(r['x_base'])} | {ratio(r['x_diffusers'])} "
+                             f"| {r['mean_step']:.3f} | {r['peak'] / 2**20:.0f} |"))
     return "\n".join(lines)
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """The goal: our trainer >= 1.10x diffusers' steps/s; judged as printed, to 2 decimals."""
-    by = {r["name"]: r for r in rows}
-    out = []
+    """The goal, judged as printed (2 decimals); a missing measurement never passes."""
+    by, out = {r["name"]: r for r in rows}, []
     for name, what in (("singlora+cache", "singlora, our defaults (caching on)"),
                        ("singlora", "singlora, no caching (diffusers' work per step)"),
                        ("lora", "lora, no caching (diffusers' adapter and work per step)")):
@@ -228,28 +210,25 @@ def verdicts(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny pipeline at 64 px, 4 steps, 1 round: < 1 minute")
-    ap.add_argument("--steps", type=int, help="timed steps per run (default 30; quick: 3)")
+    ap.add_argument("--steps", type=int, help="timed steps per run (default 20; quick: 3)")
     ap.add_argument("--warmup", type=int, help="untimed first steps per run, >= 1 (default 3; quick: 1)")
-    ap.add_argument("--rounds", type=int, help="runs of every configuration (default 3; quick: 1)")
-    ap.add_argument("--diffusers_script", metavar="PATH", help="a copy of diffusers' examples/dreambooth/"
-                    "train_dreambooth_lora.py to compare against (not part of the diffusers wheel)")
+    ap.add_argument("--rounds", type=int, help="runs of every configuration (default 5; quick: 1)")
+    ap.add_argument("--diffusers_script", metavar="PATH", help="your copy of diffusers' examples/dreambooth/"
+                    "train_dreambooth_lora.py, to compare against (it is not in the diffusers wheel)")
     ap.add_argument("--pipeline_dir", default="/tmp/singlora_bench/sd-unet18m-256",
                     help="where the benchmark's base pipeline is built once and reused")
-    ap.add_argument("--json", metavar="PATH", help="also write settings and per-round step times here")
+    ap.add_argument("--json", metavar="PATH", help="also write settings and every run's step times here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(json.loads(args.child))
     s = dict(SETTINGS["quick" if args.quick else "full"])
     s.update({k: getattr(args, k) for k in ("steps", "warmup", "rounds") if getattr(args, k) is not None})
-    if s["warmup"] < 1 or s["steps"] < 1 or s["rounds"] < 1:
+    if min(s["warmup"], s["steps"], s["rounds"]) < 1:
         ap.error("--warmup, --steps and --rounds must be >= 1 (the last warm-up step starts the clock)")
-    if args.quick:
-        from singlora_diffusion.training.build import resolve_base
+    from singlora_diffusion.training.build import resolve_base
 
-        base = resolve_base("tiny:sd15")
-    else:
-        base = str(build_bench_pipeline(Path(args.pipeline_dir)))
+    base = resolve_base("tiny:sd15") if args.quick else str(build_bench_pipeline(Path(args.pipeline_dir)))
     script = str(Path(args.diffusers_script).resolve()) if args.diffusers_script else None
     names = [n for n, (trainer, *_) in CONFIGS.items() if trainer == "ours" or script]
     import diffusers
@@ -260,25 +239,23 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {torch.__version__}, diffusers {diffusers.__version__}")
     print(f"rank 8 on to_q, to_k, to_v, to_out.0; {s['warmup']} warm-up + {s['steps']} timed steps per run; "
           f"{s['rounds']} round(s) of {len(names)} runs in rotating order, one fresh process each; "
-          f"load average {os.getloadavg()[0]:.2f}\n")
+          f"load average {os.getloadavg()[0]:.2f}\n", flush=True)
     start = time.perf_counter()
     rows = summarize(run(names, s, base, script))
     print("\n" + table(rows))
-    print("\nsteps/s = 1 / median time from one optimizer step to the next, median over rounds; mean step (s)\n"
-          "  well above 1/steps/s means other work stalled some steps. x lora, x diffusers = median [min, max]\n"
-          "  over rounds of the per-round ratio of steps/s to lora (no caching) / to diffusers.\n"
+    print("\nsteps/s = 1 / median time from one optimizer step to the next, median over rounds; a mean step\n"
+          "  well above 1 / steps/s means other work stalled some steps. x lora, x diffusers = median [min, max]\n"
+          "  over rounds of the within-round ratio of steps/s to lora without caching / to diffusers.\n"
           "peak RSS = ru_maxrss of the run's process (imports, models, training), median over rounds.")
     print("\n" + "\n".join(verdicts(rows)))
-    for r in rows:
-        for e in r["errors"]:
-            print(f"\n{e}", file=sys.stderr)
+    print("".join(f"\n{e}\n" for r in rows for e in r["errors"]), end="", file=sys.stderr)
     print(f"\n({time.perf_counter() - start:.0f} s; load average now {os.getloadavg()[0]:.2f})")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(settings=dict(s, base=base, threads=cores(), torch=torch.__version__,
-                                   diffusers=diffusers.__version__, machine=platform.machine(),
-                                   diffusers_script=script), rows=rows), indent=2))
+        settings = dict(s, base=base, threads=cores(), torch=torch.__version__, diffusers=diffusers.__version__,
+                        machine=platform.machine(), diffusers_script=script)
+        Path(args.json).write_text(json.dumps(dict(settings=settings, rows=rows), indent=2))
     if any(r["errors"] and r["trainer"] == "ours" for r in rows):
-        sys.exit(1)
+        sys.exit(1)  # a failed diffusers run is reported, not fatal: it is someone else's script
 
 
 if __name__ == "__main__":

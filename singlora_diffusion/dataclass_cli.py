@@ -41,3 +41,28 @@ def dataclass_parser(cls, prog: str, description: str) -> argparse.ArgumentParse
         else:
             p.add_argument(f"--{f.name}", type=convert, choices=f.metadata.get("choices"), help=help_text)
     return p
+
+
+def run_command(prog: str, job, user_errors: tuple[type[BaseException], ...]) -> int:
+    """Run job() as a command: user mistakes print one line (exit 2), Ctrl-C exits 130.
+
+    Under several processes the interpreter is left with os._exit: gloo can abort at
+    interpreter teardown after collective work ("terminate called without an active
+    exception") even when everything succeeded.
+    """
+    import os
+    import sys
+
+    code = 0
+    try:
+        job()
+    except KeyboardInterrupt:
+        code = 130
+    except user_errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

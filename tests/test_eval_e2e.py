@@ -201,6 +201,31 @@ def test_images_dir_by_manifest_or_by_file_names(report, tmp_path):
             for key in ("dino", "clip_i", "clip_t"):
                 assert im[key] == pytest.approx(expected[im["prompt"]][key], abs=1e-6)
         assert (tmp_path / f"r_{folder.name}" / "grid.png").is_file()
+    # many subjects: --images_dir holds one folder per subject of --dreambench_dir
+    bench, generated = tmp_path / "bench", tmp_path / "generated"
+    shutil.copytree(bundled_subject(), bench / "dog3")
+    shutil.copytree(by_names, generated / "dog3")
+    code, _ = evaluate(["--images_dir", generated, "--dreambench_dir", bench, "--out", tmp_path / "r_bench",
+                        "--allow_random_weights"])
+    got = json.loads((tmp_path / "r_bench" / "scores.json").read_text())
+    assert code == 0 and got["subjects"]["dog3"]["class"] == "dog"
+    assert {im["prompt"]: im["dino"] for im in got["images"]} == pytest.approx(
+        {t: im["dino"] for t, im in expected.items()}, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["singlora", "diffusers lora"])
+def test_the_base_model_is_exact_again_after_an_adapter(kind, adapter_file, tiny_pipeline_dir, tmp_path):
+    """Base images of a later subject are made after an earlier subject's adapter came off."""
+    from singlora_diffusion.export import export_diffusers
+    from singlora_diffusion.pipelines import load_pipeline
+
+    path = adapter_file if kind == "singlora" else export_diffusers(adapter_file, tmp_path / "lora")
+    pipe = load_pipeline(tiny_pipeline_dir())
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with generation.adapter_applied(pipe, Path(path), 1.0):
+        assert set(pipe.unet.state_dict()) != set(before)  # the adapter is in
+    after = pipe.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_an_image_identical_to_the_real_one_scores_exactly_one(scorer, tmp_path):
@@ -279,7 +304,8 @@ def test_two_processes_share_the_work_and_cover_every_image_once(adapter_file, p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29531", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    logs = [json.loads(line) for rank in (0, 1) for line in (out / "logs" / f"generated.{rank}.jsonl").read_text().splitlines()]
+    logs = [json.loads(line) for rank in (0, 1)
+            for line in (out / "logs" / f"generated.{rank}.jsonl").read_text().splitlines()]
     made = [(e["subject"], e["method"], e["prompt"], e["seed"]) for e in logs]
     expected = {(s, m, t.replace("dog", c), 0) for s, c in (("dog3", "dog"), ("rc_car", "toy"))
                 for m in ("base", "adapter") for t in TEXTS}
@@ -291,3 +317,23 @@ def test_two_processes_share_the_work_and_cover_every_image_once(adapter_file, p
     assert "a [V] [class] in the jungle" in scores["prompts"]
     assert (out / "grids" / "rc_car.png").is_file() and (out / "grid.png").is_file()
     assert done.stdout.count("real images (real vs real)") == 1  # the summary, printed by the main process
+
+
+def test_embedding_cache_reuses_rows_only_under_the_same_identity(tmp_path):
+    from singlora_diffusion.evaluation.cache import cached_embeddings
+
+    computed = []
+
+    def compute(missing):
+        computed.append(list(missing))
+        return {"text": torch.tensor([[float(i), 1.0] for i in missing])}
+
+    path = tmp_path / "texts.safetensors"
+    first = cached_embeddings(path, "models A", ["x", "y"], compute)
+    again = cached_embeddings(path, "models A", ["y", "z", "x"], compute)   # only z is new
+    assert computed == [[0, 1], [1]]
+    assert torch.equal(again["text"][0], first["text"][1]) and torch.equal(again["text"][2], first["text"][0])
+    cached_embeddings(path, "models B", ["x"], compute)                     # other weights: recomputed
+    assert computed[-1] == [0]
+    with pytest.raises(KeyError, match="no embedding for 'w'"):
+        cached_embeddings(path, "models B", ["w"])                          # reading never computes

@@ -7,10 +7,6 @@ Three ways in (one is required):
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 
 PRECISIONS = ("no", "fp16", "bf16")
@@ -102,37 +98,12 @@ class EvalConfig:
 
 # -- CLI, derived from the dataclass -----------------------------------------------------------
 
-def _kind(f: dataclasses.Field):
-    hint = typing.get_type_hints(EvalConfig)[f.name]
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
-    return args[0], type(None) in typing.get_args(hint)
+def build_parser():
+    from ..dataclass_cli import dataclass_parser
 
-
-def _parse(text: str, kind, optional: bool):
-    if optional and text.lower() in ("none", "null"):
-        return None
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    return kind(text)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval/evaluate.py", argument_default=argparse.SUPPRESS,
-                                description="DreamBench evaluation (DINO, CLIP-I, CLIP-T; DreamBooth Sec. 4.1) of "
-                                            "adapters or of existing images. Shard with accelerate launch "
-                                            "--num_processes N.")
-    for f in dataclasses.fields(EvalConfig):
-        kind, optional = _kind(f)
-        help_text = f.metadata["help"] + f" (default: {f.default})"
-        convert = lambda t, k=kind, o=optional: _parse(t, k, o)
-        if kind is bool:  # `--baseline` alone means true
-            p.add_argument(f"--{f.name}", nargs="?", const=True, type=convert, help=help_text)
-        else:
-            p.add_argument(f"--{f.name}", type=convert, choices=f.metadata.get("choices"), help=help_text)
-    return p
+    return dataclass_parser(EvalConfig, "eval/evaluate.py",
+                            "DreamBench evaluation (DINO, CLIP-I, CLIP-T; DreamBooth Sec. 4.1) of adapters or of "
+                            "existing images. Shard with accelerate launch --num_processes N.")
 
 
 def parse_config(argv: list[str] | None = None) -> EvalConfig:

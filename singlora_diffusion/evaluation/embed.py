@@ -1,8 +1,8 @@
 """Scorer: images -> DINO and CLIP image embeddings, texts -> CLIP text embeddings.
 
-Each image is decoded once for both models. While the models run on one batch, worker
-threads decode and preprocess the next (Pillow releases the GIL), so decoding hides behind
-the forward passes (bench/eval_throughput.py measures how well).
+Each image is decoded once for both models, by a pool of threads (Pillow releases the GIL).
+On a GPU they decode the next batch while the models run on this one; on the CPU they run
+between forward passes (bench/eval_throughput.py measures the cost).
 """
 from __future__ import annotations
 
@@ -54,14 +54,16 @@ class Scorer:
         clip = self.clip.encode_image(clip_in.to(self.device))
         return dino.float().cpu(), clip.float().cpu()
 
-    def embed_images(self, sources, batch_size: int = 32, progress=None, workers: int | None = None
-                     ) -> dict[str, torch.Tensor]:
+    def embed_images(self, sources, batch_size: int = 32, progress=None) -> dict[str, torch.Tensor]:
         """{"dino": (N, 384), "clip": (N, 512)} float32 on the CPU, in the order of `sources`
-        (paths or PIL images). `progress` (a tqdm bar) advances per image. `workers` threads
-        decode (default: up to 8, fewer on small machines)."""
+        (paths or PIL images). `progress` (a tqdm bar) advances per image."""
         sources = list(sources)
         batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
-        workers = workers or max(1, min(8, (os.cpu_count() or 2) - 1))
+        # On a GPU, threads decode the next batch while the models run on this one. On the
+        # CPU the forward already uses every core torch has: decoding beside it only makes
+        # the two fight (measured slower), so the same threads decode between forwards.
+        overlap = self.device.type != "cpu"
+        workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if overlap else torch.get_num_threads()
         dino, clip = [], []
         with ThreadPoolExecutor(max_workers=workers) as pool:
             def submit(batch):
@@ -70,9 +72,10 @@ class Scorer:
             pending = submit(batches[0]) if batches else []
             for k in range(len(batches)):
                 pairs = [f.result() for f in pending]
-                # Decode the next batch while this one runs through the models.
-                pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
+                pending = submit(batches[k + 1]) if overlap and k + 1 < len(batches) else []
                 d, c = self._forward(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+                if not overlap and k + 1 < len(batches):
+                    pending = submit(batches[k + 1])
                 dino.append(d)
                 clip.append(c)
                 if progress is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from itertools import groupby
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import EvalConfig
-from .images import GeneratedImage, image_name, save_image, write_manifest
+from .images import GeneratedImage, file_digest, image_name, save_image, write_manifest
 from .plan import ADAPTER, IMAGES, Plan, Subject
 from .protocol import Prompt
 
@@ -48,17 +49,11 @@ def all_units(plan: Plan, cfg: EvalConfig) -> list[Unit]:
             for method in s.methods(cfg.baseline) for p in s.prompts for seed in cfg.seeds]
 
 
-def _adapter_digest(path: Path) -> str:
-    from .images import file_digest
-
-    return file_digest(path)
-
-
 def generation_settings(plan: Plan, cfg: EvalConfig, subject: Subject, method: str) -> dict:
     """What an image depends on besides its prompt and seed; resuming with other settings is refused."""
     adapter = subject.adapter if method == ADAPTER else None
     return {"base": plan.base, "adapter": str(adapter) if adapter else None,
-            "adapter_sha1": _adapter_digest(adapter) if adapter else None,
+            "adapter_sha1": file_digest(adapter) if adapter else None,
             "scale": cfg.scale if adapter else None, "steps": cfg.steps, "guidance": cfg.guidance,
             "negative_prompt": cfg.negative_prompt, "resolution": cfg.resolution,
             "mixed_precision": cfg.mixed_precision}
@@ -87,7 +82,9 @@ def write_settings(out: Path, settings: dict[tuple[str, str], dict]) -> None:
         path = images_folder(out, subject, method) / SETTINGS
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(values, indent=2))
+            tmp = path.with_name(f".{SETTINGS}.tmp")  # other processes may be reading it right now
+            tmp.write_text(json.dumps(values, indent=2))
+            os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Phase 1: from an EvalConfig to the subjects to evaluate, checking every input before any model loads."""
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +32,13 @@ class Subject:
 class Plan:
     subjects: tuple[Subject, ...]
     base: str | None                 # None when only existing images are scored
-    dreambench_file: Path | None
+    dreambench_file: Path | None     # --dreambench_dir's prompts_and_classes.txt; None: the bundled copy
 
 
 def _check_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one per process: several may check at once
         probe.write_text("")
         probe.unlink()
     except OSError as e:

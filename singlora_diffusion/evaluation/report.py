@@ -16,11 +16,11 @@ from pathlib import Path
 from .config import EvalConfig
 from .metrics import mean
 from .models import RANDOM_STAMP
+from .plan import Plan
 from .protocol import Prompt, fill
 from .scoring import ImageScore, SubjectScores
 
 METRICS = ("dino", "clip_i", "clip_t")
-TITLES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 METHOD_TITLES = {"base": "base model (no adapter)", "adapter": "adapter", "images": "given images"}
 PAPER_REAL = {"dino": 0.774, "clip_i": 0.885}  # DreamBooth, Table 1: real images
 
@@ -50,7 +50,7 @@ def methods_of(results: list[SubjectScores]) -> list[str]:
 
 
 def build_scores(results: list[SubjectScores], cfg: EvalConfig, scorer_info: dict, random_weights: bool,
-                 base: str | None) -> dict:
+                 plan: Plan) -> dict:
     """Everything in scores.json: settings, per image, per prompt, per subject, overall."""
     methods = methods_of(results)
     subjects, images_out = {}, []
@@ -97,7 +97,8 @@ def build_scores(results: list[SubjectScores], cfg: EvalConfig, scorer_info: dic
             "clip_t_text": (f"the prompt without the identifier token {cfg.identifier!r}" if remove
                             else "the full prompt, identifier included"),
             "prompts": cfg.prompts, "num_images": cfg.num_images, "seeds": cfg.seeds if cfg.generates else None,
-            "base": base, "baseline": cfg.baseline, "steps": cfg.steps if cfg.generates else None,
+            "prompts_and_classes": str(plan.dreambench_file or "bundled copy of google/dreambooth's file"),
+            "base": plan.base, "baseline": cfg.baseline, "steps": cfg.steps if cfg.generates else None,
             "guidance": cfg.guidance if cfg.generates else None, "negative_prompt": cfg.negative_prompt,
             "resolution": cfg.resolution, "scale": cfg.scale, "mixed_precision": cfg.mixed_precision,
             "images_dir": cfg.images_dir,
@@ -140,7 +141,8 @@ def report_markdown(scores: dict, figures: dict[str, str]) -> str:
              "| real vs real CLIP-I |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"]
     for name, s in scores["subjects"].items():
         for method, m in s["methods"].items():
-            parts.append(f"| {name} | {s['class'] or '—'} | {METHOD_TITLES.get(method, method)} | {_fmt(m['dino'])} | "
+            parts.append(f"| {name} | {s['class'] or '—'} | {METHOD_TITLES.get(method, method)} | "
+                         f"{_fmt(m['dino'])} | "
                          f"{_fmt(m['clip_i'])} | {_fmt(m['clip_t'])} | {m['images']} | "
                          f"{_fmt(s['real_vs_real']['dino'])} | {_fmt(s['real_vs_real']['clip_i'])} |\n")
     parts.append("\n## Per prompt (mean over subjects)\n\n| prompt | method | DINO | CLIP-I | CLIP-T | images |\n"
@@ -155,8 +157,9 @@ def report_markdown(scores: dict, figures: dict[str, str]) -> str:
         d = models[model]
         parts.append(f"- {model.upper()}: {d['model']}, {d['embedding']}; weights: {d['weights']}; "
                      f"preprocessing: {d['preprocessing']}\n")
-    for key in ("identifier", "clip_t_identifier", "prompts", "num_images", "seeds", "base", "baseline", "steps",
-                "guidance", "negative_prompt", "resolution", "scale", "mixed_precision", "images_dir"):
+    for key in ("identifier", "clip_t_identifier", "prompts", "prompts_and_classes", "num_images", "seeds", "base",
+                "baseline", "steps", "guidance", "negative_prompt", "resolution", "scale", "mixed_precision",
+                "images_dir"):
         parts.append(f"- {key}: `{opt[key]}`\n")
     parts.append("\nFull settings and per-image scores: `scores.json`, `scores.csv`.\n")
     return "".join(parts)
@@ -173,7 +176,8 @@ def write_csv(path: Path, scores: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["subject", "method", "prompt", "clip_t_text", "seed", "file", "dino", "clip_i", "clip_t", "weights"])
+        w.writerow(["subject", "method", "prompt", "clip_t_text", "seed", "file", "dino", "clip_i", "clip_t",
+                    "weights"])
         for im in scores["images"]:
             w.writerow([im["subject"], im["method"], im["prompt"], im["clip_t_text"], im["seed"], im["file"],
                         repr(im["dino"]), repr(im["clip_i"]), repr(im["clip_t"]), weights])
@@ -209,5 +213,6 @@ def write_report(out: Path, results: list[SubjectScores], scores: dict) -> dict[
     bars = {m: {k: scores["prompts"][k][m] for k in keys if m in scores["prompts"][k]}
             for m in scores["overall"]["methods"]}
     per_prompt_bars(keys, bars, scores["overall"]["real_vs_real"], stamp).save(files["per_prompt.png"])
-    _atomic_text(files["report.md"], report_markdown(scores, {"grid": "grid.png", "per-prompt scores": "per_prompt.png"}))
+    figures = {"grid": "grid.png", "per-prompt scores": "per_prompt.png"}
+    _atomic_text(files["report.md"], report_markdown(scores, figures))
     return files

@@ -11,8 +11,7 @@ Ordering constraints, each for a reason:
 """
 from __future__ import annotations
 
-import os
-import sys
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from .embed import load_scorer
 from .generation import (all_units, check_settings, generate, generated_images, load_base, unit_path,
                          write_manifests, write_settings)
 from .models import RANDOM_STAMP, MissingWeightsError, resolve_weights
-from .plan import make_plan
+from .plan import Plan, make_plan
 from .report import build_scores, summary_table, write_report
 from .scoring import collect, embed_subject
 
@@ -35,53 +34,60 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
+def generate_missing(plan: Plan, cfg: EvalConfig, state) -> None:
+    """This process's share of the images not on disk yet; the main process then writes manifests."""
+    rank, world = state.process_index, state.num_processes
+    todo = [u for u in all_units(plan, cfg) if not unit_path(cfg.out, u).is_file()]
+    state.wait_for_everyone()  # all have listed what is missing before anyone writes an image
+    mine = todo[rank::world]
+    if mine:
+        pipe = load_base(plan, cfg, state.device)
+        with _progress(len(mine), f"generating (process {rank + 1}/{world})", state.is_main_process) as bar:
+            generate(pipe, mine, plan, cfg, (rank, world), bar)
+        del pipe
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_manifests(plan, cfg)
+
+
+def embed_my_subjects(plan: Plan, cfg: EvalConfig, scorer, images, state) -> None:
+    """Subject i is embedded by process i mod N (one writer per cache file)."""
+    rank, world = state.process_index, state.num_processes
+    mine = plan.subjects[rank::world]
+    total = sum(len(s.photos) + sum(len(images[(s.name, m)]) for m in s.methods(cfg.baseline)) for s in mine)
+    with _progress(total, f"scoring (process {rank + 1}/{world})", state.is_main_process) as bar:
+        for subject in mine:
+            embed_subject(scorer, subject, {m: images[(subject.name, m)] for m in subject.methods(cfg.baseline)},
+                          cfg, bar)
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Path] | None:
     """The whole evaluation; returns the report files (None on processes other than the main one)."""
-    import dataclasses
-
     from accelerate import PartialState
 
     plan = make_plan(cfg)
     dino_weights, clip_weights = resolve_weights(cfg.dino_weights, cfg.clip_weights, cfg.allow_random_weights)
     settings = check_settings(plan, cfg) if cfg.generates else {}
     state = PartialState(cpu=not torch.cuda.is_available())
-    rank, world, main = state.process_index, state.num_processes, state.is_main_process
     out = Path(cfg.out)
     scorer = load_scorer(dino_weights, clip_weights, str(state.device), cfg.allow_random_weights)
-    if scorer.random_weights and main:
-        which = [name for name, w in (("DINO", scorer.dino_weights), ("CLIP", scorer.clip_weights)) if w.random]
-        warnings.warn(f"{RANDOM_STAMP}: {' and '.join(which)} run with random weights (--allow_random_weights)",
-                      UserWarning, stacklevel=2)
-    if main:
+    if state.is_main_process:
+        if scorer.random_weights:
+            which = [name for name, w in (("DINO", scorer.dino_weights), ("CLIP", scorer.clip_weights)) if w.random]
+            warnings.warn(f"{RANDOM_STAMP}: {' and '.join(which)} run with random weights (--allow_random_weights)",
+                          UserWarning, stacklevel=2)
         write_settings(out, settings)
         (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
-
     if cfg.generates:
-        todo = [u for u in all_units(plan, cfg) if not unit_path(out, u).is_file()]
-        state.wait_for_everyone()  # all have listed what is missing before anyone writes an image
-        mine = todo[rank::world]
-        if mine:
-            pipe = load_base(plan, cfg, state.device)
-            with _progress(len(mine), f"generating (process {rank + 1}/{world})", main) as bar:
-                generate(pipe, mine, plan, cfg, (rank, world), bar)
-            del pipe
-        state.wait_for_everyone()
-        if main:
-            write_manifests(plan, cfg)
-
+        generate_missing(plan, cfg, state)
     images = generated_images(plan, cfg)
-    my_subjects = plan.subjects[rank::world]
-    total = sum(len(s.photos) + sum(len(images[(s.name, m)]) for m in s.methods(cfg.baseline)) for s in my_subjects)
-    with _progress(total, f"scoring (process {rank + 1}/{world})", main) as bar:
-        for subject in my_subjects:
-            embed_subject(scorer, subject, {m: images[(subject.name, m)] for m in subject.methods(cfg.baseline)},
-                          cfg, bar)
-    state.wait_for_everyone()
+    embed_my_subjects(plan, cfg, scorer, images, state)
+    state.wait_for_everyone()  # every cache is complete before the main process reads them
 
     files = None
-    if main:
+    if state.is_main_process:
         results = collect(plan, cfg, images, scorer.identity())
-        scores = build_scores(results, cfg, scorer.describe(), scorer.random_weights, plan.base)
+        scores = build_scores(results, cfg, scorer.describe(), scorer.random_weights, plan)
         files = write_report(out, results, scores)
         stamp = f"\n{RANDOM_STAMP}\n" if scorer.random_weights else ""
         print(f"{stamp}\n{summary_table(scores)}\n{stamp}\nreport: {files['report.md']}")
@@ -90,20 +96,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Path] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..dataclass_cli import run_command
     from .config import parse_config
 
-    code = 0
-    try:
-        evaluate(parse_config(argv))
-    except KeyboardInterrupt:
-        code = 130  # images and embeddings written so far are kept; run again to resume
-    except (ValueError, FileNotFoundError, PermissionError, MissingWeightsError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        code = 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # gloo can abort at interpreter exit ("terminate called without an active
-        # exception"); leaving without interpreter teardown avoids it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    # images and embeddings written before an interruption are kept: run again to resume
+    return run_command("evaluate.py", lambda: evaluate(parse_config(argv)), (ValueError, FileNotFoundError, PermissionError, MissingWeightsError))

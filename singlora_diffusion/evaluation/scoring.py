@@ -54,29 +54,30 @@ def _texts(images: list[GeneratedImage], cfg: EvalConfig) -> list[str]:
     return [clip_t_text(im.prompt.text, cfg.identifier, cfg.clip_t_identifier == "remove") for im in images]
 
 
+def _embed_files(scorer, cache: Path, paths: list[Path], cfg: EvalConfig, progress=None) -> int:
+    """Embed the files missing from `cache`; returns how many the models ran on."""
+    ran = 0
+
+    def compute(missing: list[int]) -> dict[str, torch.Tensor]:
+        nonlocal ran
+        ran = len(missing)
+        return scorer.embed_images([paths[i] for i in missing], cfg.score_batch_size, progress)
+
+    cached_embeddings(cache, scorer.identity(), _image_keys(paths), compute)
+    if progress is not None:
+        progress.update(len(paths) - ran)  # cache hits count as done
+    return ran
+
+
 def embed_subject(scorer, subject: Subject, images: dict[str, list[GeneratedImage]], cfg: EvalConfig,
                   progress=None) -> int:
     """Fill this subject's caches; returns the number of images the models ran on."""
     folder, identity = embeddings_folder(cfg.out, subject.name), scorer.identity()
-    ran = 0
-
-    def embed_files(name: str, paths: list[Path]) -> None:
-        nonlocal ran
-
-        def compute(missing: list[int]) -> dict[str, torch.Tensor]:
-            nonlocal ran
-            ran += len(missing)
-            return scorer.embed_images([paths[i] for i in missing], cfg.score_batch_size, progress)
-
-        before = ran
-        cached_embeddings(folder / f"{name}.safetensors", identity, _image_keys(paths), compute)
-        if progress is not None:
-            progress.update(len(paths) - (ran - before))  # cache hits count as done
-
-    embed_files(REFERENCE, list(subject.photos))
+    ran = _embed_files(scorer, folder / f"{REFERENCE}.safetensors", list(subject.photos), cfg, progress)
     texts: list[str] = []
     for method, method_images in images.items():
-        embed_files(method, [im.path for im in method_images])
+        ran += _embed_files(scorer, folder / f"{method}.safetensors", [im.path for im in method_images], cfg,
+                            progress)
         texts += _texts(method_images, cfg)
     unique = sorted(set(texts))
     cached_embeddings(folder / f"{TEXTS}.safetensors", identity, unique,

@@ -1,6 +1,7 @@
 """Phase 1-2 of training: check the inputs (before any model loads), then build the models."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -76,12 +77,9 @@ def validate(cfg: TrainConfig) -> Inputs:
             class_images = scan_images(cfg.class_data_dir, role="class")
         except ValueError:
             class_images = []  # none yet: they will be generated
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes "
-                              "(CUDA GPUs only), or drop the flag") from None
+    if cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only), "
+                          "or drop the flag")
     return Inputs(base, images, class_images)
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -115,20 +114,7 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..dataclass_cli import run_command
     from .config import parse_config
 
-    code = 0
-    try:
-        train(parse_config(argv))
-    except KeyboardInterrupt:
-        code = 130
-    except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
-        print(f"train_dreambooth.py: error: {e}", file=sys.stderr)
-        code = 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # gloo can abort at interpreter exit after DDP work ("terminate called without an
-        # active exception"); leaving without interpreter teardown avoids it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return run_command("train_dreambooth.py", lambda: train(parse_config(argv)), (ValueError, FileNotFoundError, PermissionError, ImportError))
