@@ -52,6 +52,8 @@ class LatentSource:
     def __init__(self, vae, paths: list[Path], resolution: int, center_crop: bool, random_flip: bool,
                  cache: bool):
         self.vae, self.paths, self.resolution = vae, paths, resolution
+        # read once: asking a diffusers model for .device/.dtype walks all its parameters
+        self.device, self.dtype = vae.device, vae.dtype
         self.center_crop, self.random_flip = center_crop, random_flip
         self.cached = cache and augmentations_are_deterministic(center_crop, False)
         self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, Crop]] = {}
@@ -63,7 +65,7 @@ class LatentSource:
     @torch.no_grad()
     def _encode(self, i: int, flip: bool):
         pixels, crop = prepare_image(load_image(self.paths[i]), self.resolution, self.center_crop, flip)
-        dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
+        dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
         return dist.mean[0], dist.std[0], crop
 
     def get(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,15 +87,16 @@ class PromptEncoder:
 
     def __init__(self, pipe, cache: bool):
         self.pipe, self.cache_enabled = pipe, cache
+        self.device = pipe.device  # once: the property walks every submodule
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
         self.cache: dict[str, tuple] = {}
 
     def _encode(self, prompt: str):
         if self.sdxl:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt, device=self.pipe.device, num_images_per_prompt=1,
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt, device=self.device, num_images_per_prompt=1,
                                                            do_classifier_free_guidance=False)
             return embeds, pooled
-        return self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)[0], None
+        return self.pipe.encode_prompt(prompt, self.device, 1, False)[0], None
 
     def get(self, prompt: str):
         if not self.cache_enabled:

@@ -43,18 +43,20 @@ class FitResult:
 def make_optimizer(cfg: TrainConfig, params):
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    # foreach: one fused update over the many small adapter tensors (also on CPU)
     if cfg.use_8bit_adam:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def _u(trainee: Trainee) -> float:
+def ramp_value(trainee: Trainee):
+    """A function giving the current u(t) (1.0 for LoRA/DoRA); the module is looked up once."""
     if trainee.adapter != "singlora":
-        return 1.0
+        return lambda: 1.0
     m = next(iter(singlora_modules(trainee.pipe.unet).values()))
-    return float(ramp(m.singlora_step, m.ramp_up_steps))
+    return lambda: float(ramp(m.singlora_step, m.ramp_up_steps))
 
 
 def micro_batch_loss(cfg: TrainConfig, trainee: Trainee, accelerator, noise_scheduler, prompts: PromptEncoder,
@@ -137,7 +139,7 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
         accelerator.wait_for_everyone()
         return path or output_dir / f"checkpoint-{at}"
 
-    bs = cfg.train_batch_size
+    bs, u_now = cfg.train_batch_size, ramp_value(trainee)
     models = list(trainee.trained.values())
     for m in models:
         m.train()
@@ -170,7 +172,7 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
                         lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             step += 1
-            logs.update(lr=lr_scheduler.get_last_lr()[0], u=_u(trainee))
+            logs.update(lr=lr_scheduler.get_last_lr()[0], u=u_now())
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
             accelerator.log(logs, step=step)
