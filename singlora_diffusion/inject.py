@@ -105,11 +105,6 @@ def set_step(model: nn.Module, step: int) -> None:
         m.singlora_step.fill_(step)
 
 
-def set_ramp_up_steps(model: nn.Module, ramp_up_steps: int) -> None:
-    for m in singlora_modules(model).values():
-        m.ramp_up_steps = int(ramp_up_steps)
-
-
 def advance_step(model: nn.Module, n: int = 1) -> None:
     for m in singlora_modules(model).values():
         m.advance_step(n)

@@ -8,7 +8,7 @@ pattern matches a module path when it is a dotted suffix of it ("to_q",
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from torch import nn
 
@@ -68,6 +68,3 @@ def find_targets(model: nn.Module, spec: TargetSpec, kind: str) -> list[str]:
                          f"its Linear layers are named like: {examples}")
     return found
 
-
-def matched_by(names: Iterable[str], patterns: Sequence[str]) -> list[str]:
-    return [n for n in names if any(_matches(n, p) for p in patterns)]

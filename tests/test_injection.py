@@ -125,3 +125,26 @@ def test_peft_baselines_use_the_same_targets(adapter):
     assert all(p.requires_grad for p in peft_parameters(theirs))
     assert {n for n, p in theirs.named_parameters() if p.requires_grad} == {
         n for n, _ in theirs.named_parameters() if ".lora_" in n}
+
+
+def test_model_level_merge_unmerge_and_trainable_marking():
+    from singlora_diffusion import mark_only_singlora_trainable, merge_singlora, set_step, unmerge_singlora
+
+    unet = _tiny_unet()
+    inject_singlora(unet, "attn", rank=2)
+    set_step(unet, 1)
+    for m in singlora_modules(unet).values():
+        with torch.no_grad():
+            m.singlora_A.mul_(5)
+    args = (torch.randn(1, 4, 8, 8), 10, torch.randn(1, 3, 16))
+    with torch.no_grad():
+        y = unet(*args).sample
+        merge_singlora(unet)
+        merge_singlora(unet)  # twice: harmless
+        torch.testing.assert_close(unet(*args).sample, y, rtol=1e-4, atol=1e-4)
+        unmerge_singlora(unet)
+        torch.testing.assert_close(unet(*args).sample, y, rtol=1e-5, atol=1e-5)
+    unet.requires_grad_(True)
+    mark_only_singlora_trainable(unet)
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == {
+        n for n, _ in unet.named_parameters() if n.endswith("singlora_A")}
