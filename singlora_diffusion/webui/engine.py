@@ -64,8 +64,11 @@ class Engine:
         try:
             check_adapter_file(path)
             self._load(path)
-        except Exception as e:  # any failure: undo, report, keep serving
-            self._unload()
+        except Exception as e:  # any failure: undo whatever part was loaded, report, keep serving
+            for model in pipeline_components(self.pipe).values():
+                remove_singlora(model)
+            self.pipe.unload_lora_weights()
+            self.adapter, self.kind = None, None
             if previous is not None:
                 self._load(previous)
             raise BadRequest(f"{path.name} is not an adapter for this base model: {e}") from None
