@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .format import FORMAT, WEIGHTS_NAME, load_adapter, read_metadata
-from .inject import set_scale
+from .inject import remove_singlora, set_scale
 from .pipelines import pipeline_components
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
@@ -41,6 +41,13 @@ def apply_adapter(pipe, path: str | os.PathLike, scale: float = 1.0) -> str:
     pipe.load_lora_weights(str(path), adapter_name="default")
     pipe.set_adapters(["default"], adapter_weights=[scale])
     return "lora"
+
+
+def remove_adapter(pipe) -> None:
+    """Back to the exact base model, whichever kind of adapter (or part of one) is loaded."""
+    for model in pipeline_components(pipe).values():
+        remove_singlora(model)
+    pipe.unload_lora_weights()
 
 
 def render(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float = 7.5,

@@ -90,22 +90,16 @@ def write_settings(out: Path, settings: dict[tuple[str, str], dict]) -> None:
 @contextlib.contextmanager
 def adapter_applied(pipe, adapter: Path | None, scale: float):
     """The pipeline with `adapter` loaded for the block, exactly the base model again after it."""
-    from ..generate import apply_adapter
-    from ..inject import remove_singlora
-    from ..pipelines import pipeline_components
+    from ..generate import apply_adapter, remove_adapter
 
     if adapter is None:
         yield
         return
-    kind = apply_adapter(pipe, adapter, scale)
+    apply_adapter(pipe, adapter, scale)
     try:
         yield
     finally:
-        if kind == "singlora":
-            for model in pipeline_components(pipe).values():
-                remove_singlora(model)
-        else:
-            pipe.unload_lora_weights()
+        remove_adapter(pipe)
 
 
 def load_base(plan: Plan, cfg: EvalConfig, device):

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..format import read_metadata
-from ..generate import apply_adapter, render
-from ..inject import adapter_scale, remove_singlora, set_scale, singlora_modules
+from ..generate import apply_adapter, remove_adapter, render
+from ..inject import adapter_scale, set_scale, singlora_modules
 from ..pipelines import load_pipeline, pipeline_components
 from .requests import BadRequest, GenerateRequest
 
@@ -41,11 +41,7 @@ class Engine:
         self.base, self.pipe, self.adapter, self.kind = base, pipe, None, None
 
     def _unload(self) -> None:
-        if self.kind == "singlora":
-            for model in pipeline_components(self.pipe).values():
-                remove_singlora(model)
-        elif self.kind == "lora":
-            self.pipe.unload_lora_weights()
+        remove_adapter(self.pipe)  # also clears whatever part a failed load left behind
         self.adapter, self.kind = None, None
 
     def _load(self, path: Path) -> None:
@@ -65,10 +61,7 @@ class Engine:
             check_adapter_file(path)
             self._load(path)
         except Exception as e:  # any failure: undo whatever part was loaded, report, keep serving
-            for model in pipeline_components(self.pipe).values():
-                remove_singlora(model)
-            self.pipe.unload_lora_weights()
-            self.adapter, self.kind = None, None
+            self._unload()
             if previous is not None:
                 self._load(previous)
             raise BadRequest(f"{path.name} is not an adapter for this base model: {e}") from None
