@@ -1,0 +1,102 @@
+"""The toy DreamBooth's metrics, on fixed held-out sets so every run is measured alike.
+
+- subject_loss: denoising MSE on 'a sks shape' for fresh renderings of the
+  subject (positions, sizes, backgrounds the training images did not have);
+- feature_sim: mean cosine similarity, in the toy-world extractor's feature
+  space, between generated 'a sks shape' images and real subject images
+  (the DINO score of DreamBench, with our extractor in place of DINO);
+- star_rate: fraction of generated images the extractor calls an orange star;
+- class_loss: denoising MSE on ordinary pretraining captions and images;
+  prior drift = class_loss(adapted) - class_loss(base).
+Noise and timesteps are drawn once from a fixed seed: differences between
+runs are the model's, not the dice's.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from . import shapes
+from .models import FeatureNet
+from .pretrain import class_dataset, to_tensor, token_ids
+
+
+@dataclass
+class EvalSizes:
+    subject: int = 48        # held-out subject renderings
+    classes: int = 96        # held-out class images
+    timesteps: int = 8       # evenly spaced noise levels per image
+    generated: int = 16      # images generated from the instance prompt
+    inference_steps: int = 20
+    guidance: float = 4.0
+
+
+def load_extractor(path: Path) -> FeatureNet:
+    net = FeatureNet(len(shapes.ALL_SHAPES), len(shapes.COLOURS) + 1, len(shapes.COLOURS))
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+class Evaluator:
+    def __init__(self, world: Path, sizes: EvalSizes, seed: int = 12345):
+        self.sizes = sizes
+        self.extractor = load_extractor(world / "extractor.pt")
+        rng = random.Random(seed)
+        self.subject = to_tensor([shapes.subject_sample(rng)[0] for _ in range(sizes.subject)])
+        self.classes, self.captions, _ = class_dataset(sizes.classes, seed + 1)
+        with torch.no_grad():
+            self.subject_features = F.normalize(self.extractor.features(self.subject), dim=-1)
+
+    @torch.no_grad()
+    def denoise_loss(self, pipe, images: torch.Tensor, prompts: list[str]) -> float:
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        n_t = self.sizes.timesteps
+        T = sched.config.num_train_timesteps
+        g = torch.Generator().manual_seed(0)
+        latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+        states = pipe.text_encoder(token_ids(pipe, prompts))[0]
+        total = 0.0
+        for k in range(n_t):
+            t = torch.full((len(images),), int((k + 0.5) * T / n_t))
+            noise = torch.randn(latents.shape, generator=g)
+            pred = pipe.unet(sched.add_noise(latents, noise, t), t, states).sample
+            total += F.mse_loss(pred.float(), noise).item()
+        return total / n_t
+
+    @torch.no_grad()
+    def generate(self, pipe, prompt: str) -> torch.Tensor:
+        """(N, 3, 32, 32) in [-1, 1], with our renderer's seeded generator."""
+        from singlora_diffusion.generate import render
+
+        images = render(pipe, prompt, seed=0, steps=self.sizes.inference_steps, guidance=self.sizes.guidance,
+                        num_images=self.sizes.generated, width=shapes.SIZE, height=shapes.SIZE, output_type="pt")
+        return images.float().clamp(0, 1) * 2 - 1
+
+    @torch.no_grad()
+    def metrics(self, pipe) -> dict[str, float]:
+        for m in (pipe.unet, pipe.text_encoder, pipe.vae):
+            m.eval()
+        generated = self.generate(pipe, shapes.INSTANCE_PROMPT)
+        feats = F.normalize(self.extractor.features(generated), dim=-1)
+        shape_logits, colour_logits, _ = self.extractor(generated)
+        star = shape_logits.argmax(-1) == shapes.ALL_SHAPES.index(shapes.SUBJECT["shape"])
+        orange = colour_logits.argmax(-1) == len(shapes.COLOURS)
+        return {
+            "subject_loss": self.denoise_loss(pipe, self.subject, [shapes.INSTANCE_PROMPT] * len(self.subject)),
+            "class_loss": self.denoise_loss(pipe, self.classes, self.captions),
+            "feature_sim": (feats @ self.subject_features.T).mean().item(),
+            "star_rate": (star & orange).float().mean().item(),
+        }
+
+    def reference(self) -> dict[str, float]:
+        """Real-vs-real feature similarity: the ceiling of feature_sim."""
+        f = self.subject_features
+        n = len(f)
+        sims = f @ f.T
+        return {"feature_sim_real_vs_real": ((sims.sum() - sims.diagonal().sum()) / (n * (n - 1))).item()}
