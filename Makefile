@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: venv demo test browser webui bench clean
+.PHONY: venv demo test browser webui bench science clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ bench: venv
 	$(PY) -m bench.adapter_overhead
 	$(PY) -m bench.trainer_throughput
 	$(PY) -m bench.eval_throughput
+
+# The paper-claim reproductions of docs/science.md (about 1 h 30 min on 2 CPU cores).
+science: venv
+	$(PY) -m bench.attention_toy --seeds 20
+	$(PY) -m bench.toy_world pretrain
+	$(PY) -m bench.toy_world sweep
+	$(PY) -m bench.toy_world ramp
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -31,15 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path("results") / ("toy_world_quick" if args.quick else "toy_world")
+    plots = args.plots or (out if args.quick else Path("docs") / "science")
+    plots.mkdir(parents=True, exist_ok=True)
     if args.command == "pretrain":
         from .pretrain import pretrain
 
         settings = {k: v[1 if args.quick else 0] for k, v in PRETRAIN.items()}
         pretrain(out, seed=args.seed, **settings)
+        from .report import pretrain_figure
+
+        pretrain_figure(out, plots / "toy_world_pretrain.png")
         return 0
     from .sweep import main as sweep_main
 
-    plots = args.plots or (out if args.quick else Path("docs") / "science")
     return sweep_main(args.command, out, args.quick, plots)
 
 

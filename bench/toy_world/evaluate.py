@@ -79,10 +79,13 @@ class Evaluator:
         return images.float().clamp(0, 1) * 2 - 1
 
     @torch.no_grad()
-    def metrics(self, pipe) -> dict[str, float]:
+    def metrics(self, pipe, keep: list | None = None) -> dict[str, float]:
+        """The four metrics; the generated images are appended to `keep` when given."""
         for m in (pipe.unet, pipe.text_encoder, pipe.vae):
             m.eval()
         generated = self.generate(pipe, shapes.INSTANCE_PROMPT)
+        if keep is not None:
+            keep.append(generated)
         feats = F.normalize(self.extractor.features(generated), dim=-1)
         shape_logits, colour_logits, _ = self.extractor(generated)
         star = shape_logits.argmax(-1) == shapes.ALL_SHAPES.index(shapes.SUBJECT["shape"])

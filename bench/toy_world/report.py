@@ -137,5 +137,84 @@ def report(command: str, data: dict, world: Path, plots: Path) -> None:
     text = sweep_tables(data) if command == "sweep" else ramp_tables(data)
     (world / f"{command}.md").write_text(text + "\n")
     (sweep_plot if command == "sweep" else ramp_plot)(data, plots / f"toy_world_{command}.png")
+    samples_figure(data, world, plots / f"toy_world_{command}_samples.png", command)
     print(text)
     print(f"tables: {world / f'{command}.md'}; plot: {plots / f'toy_world_{command}.png'}")
+
+
+def first_four(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.crop((0, 0, min(im.width, 4 * im.height), im.height))
+
+
+def samples_figure(data: dict, world: Path, path: Path, command: str) -> None:
+    """Generated 'a sks shape' images of the first seed: one row per method (sweep) or setting (ramp)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .sweep import key
+
+    runs = [r for r in data["runs"].values() if r["seed"] == min(x["seed"] for x in data["runs"].values())]
+    if command == "sweep":
+        rows = list(dict.fromkeys(label(r) for r in runs))
+        cols = sorted({r["lr"] for r in runs})
+        at = {(label(r), r["lr"]): r for r in runs}
+        col_name = lambda c: f"lr {c:g}"
+    else:
+        rows = ["ramp T"]
+        cols = list(dict.fromkeys((r["init"], r["ramp_frac"]) for r in runs))
+        at = {("ramp T", (r["init"], r["ramp_frac"])): r for r in runs}
+        col_name = lambda c: (f"T={100 * c[1]:g}%" if c[1] is not None else "T=1%") + ("" if c[0] == "ours" else f"\n{c[0]}")
+    fig, axes = plt.subplots(len(rows) + 1, len(cols), figsize=(2.2 * len(cols), 0.75 * (len(rows) + 1) + 0.6),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    base = world / "samples" / "base.png"
+    if base.is_file():
+        axes[0, 0].imshow(first_four(base))
+        axes[0, 0].set_title("base model", fontsize=7)
+    for i, row in enumerate(rows, start=1):
+        for j, col in enumerate(cols):
+            run = at.get((row, col))
+            file = world / "samples" / f"{key(run)}.png" if run else None
+            if file is not None and file.is_file():
+                axes[i, j].imshow(first_four(file))
+            if i == 1:
+                axes[i, j].set_title(col_name(col), fontsize=7)
+        axes[i, 0].text(-0.05, 0.5, row.split(" (")[0], transform=axes[i, 0].transAxes, ha="right", va="center",
+                        fontsize=7)
+    fig.suptitle("'a sks shape' after fine-tuning (first seed, first 4 images)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PRETRAIN_PROMPTS = ["a red circle on a blue background", "a green square on a white background",
+                    "a yellow triangle on a black background", "a blue diamond on a yellow background",
+                    "a white circle on a green background", "a black square on a red background",
+                    "a sks shape"]
+
+
+def pretrain_figure(world: Path, path: Path) -> None:
+    """What pretraining learned: 4 samples per caption, and the subject's prompt before fine-tuning."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from singlora_diffusion.generate import render
+    from singlora_diffusion.pipelines import load_pipeline
+
+    pipe = load_pipeline(str(world / "model"))
+    fig, axes = plt.subplots(len(PRETRAIN_PROMPTS), 1, figsize=(4.6, 0.95 * len(PRETRAIN_PROMPTS)))
+    for ax, prompt in zip(axes, PRETRAIN_PROMPTS):
+        images = render(pipe, prompt, seed=0, steps=20, guidance=4.0, num_images=4, width=32, height=32,
+                        output_type="pt")
+        ax.imshow(torch.cat(list(images.clamp(0, 1)), dim=2).permute(1, 2, 0).numpy())
+        ax.set_title(prompt, fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -115,7 +115,10 @@ def train_and_measure(world: Path, run: dict, grid: Grid, evaluator: Evaluator) 
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # the trainer's progress bar, once per run
                 fit(cfg, trainee, inputs, accelerator, log=lambda *a, **k: None)
-            result.update(evaluator.metrics(trainee.pipe), diverged=False)
+            generated = []
+            result.update(evaluator.metrics(trainee.pipe, keep=generated), diverged=False)
+            if run["seed"] == grid.seeds[0]:  # a few generated images per setting, for the figures
+                save_grid(generated[0][:8], world / "samples" / f"{key(run)}.png")
         except TrainingDiverged:
             result.update(diverged=True)
     finally:
@@ -124,10 +127,22 @@ def train_and_measure(world: Path, run: dict, grid: Grid, evaluator: Evaluator) 
     return result
 
 
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """(N, 3, H, W) in [-1, 1] -> one PNG row."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(2, 0, 3, 1).reshape(images.shape[2], -1, 3)
+    Image.fromarray(row.numpy()).save(path)
+
+
 def base_metrics(world: Path, evaluator: Evaluator) -> dict:
     from singlora_diffusion.pipelines import load_pipeline
 
-    return evaluator.metrics(load_pipeline(str(world / "model")))
+    generated = []
+    metrics = evaluator.metrics(load_pipeline(str(world / "model")), keep=generated)
+    save_grid(generated[0][:8], world / "samples" / "base.png")
+    return metrics
 
 
 def main(command: str, world: Path, quick: bool, plots: Path) -> int:
