@@ -24,6 +24,8 @@ def test_pretrain_writes_a_loadable_sd_pipeline(world):
     from diffusers import StableDiffusionPipeline
 
     stats = json.loads((world / "pretrain.json").read_text())
+    with Image.open(world / "toy_world_pretrain.png") as im:  # samples of the pretrained model
+        assert im.size[1] > 300
     assert math.isfinite(stats["denoiser_loss_ema"]) and stats["denoiser_loss_ema"] < 1.5
     pipe = StableDiffusionPipeline.from_pretrained(world / "model")
     names = {n.rsplit(".", 1)[-1] for n, _ in pipe.unet.named_modules()}

@@ -77,59 +77,58 @@ def ramp_tables(data: dict) -> str:
     return "\n".join(lines)
 
 
-def sweep_plot(data: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def errorbar(ax, x, values: list[list[float]], **kw) -> None:
+    """Median and inter-quartile bar of each list of per-seed values."""
+    q = [quartiles(v) if v else (float("nan"),) * 3 for v in values]
+    ax.errorbar(x, [v[1] for v in q], yerr=[[v[1] - v[0] for v in q], [v[2] - v[1] for v in q]], capsize=3, **kw)
 
+
+def metric_panels():
+    """One panel per metric, side by side."""
+    from bench.plotting import plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
+    return fig, list(zip(axes, METRICS.items()))
+
+
+def finish(fig, axes, title: str, path: Path) -> None:
+    from bench.plotting import save
+
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    save(fig, path)
+
+
+def sweep_plot(data: dict, path: Path) -> None:
     groups = group(data, lambda r: (label(r), r["lr"]))
     methods = list(dict.fromkeys(k[0] for k in groups))
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
-    for ax, (m, (name, _)) in zip(axes, METRICS.items()):
+    fig, panels = metric_panels()
+    for ax, (m, (name, _)) in panels:
         for i, method in enumerate(methods):
             lrs = sorted(lr for (me, lr) in groups if me == method and groups[(me, lr)][m])
-            q = [quartiles(groups[(method, lr)][m]) for lr in lrs]
             x = [lr * (1 + 0.06 * (i - len(methods) / 2)) for lr in lrs]  # dodge overlapping bars
-            ax.errorbar(x, [v[1] for v in q], yerr=[[v[1] - v[0] for v in q], [v[2] - v[1] for v in q]],
-                        marker="o", capsize=3, label=method)
+            errorbar(ax, x, [groups[(method, lr)][m] for lr in lrs], marker="o", label=method)
         if m == "prior_drift":
             ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_title(name, fontsize=10)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Toy DreamBooth: metric vs learning rate (median, IQR over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, panels, "Toy DreamBooth: metric vs learning rate (median, IQR over seeds)", path)
 
 
 def ramp_plot(data: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = group(data, lambda r: (r["init"], r["ramp_frac"]))
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
+    fig, panels = metric_panels()
     ours = sorted((f, g) for (init, f), g in groups.items() if init == "ours" and f is not None)
-    for ax, (m, (name, _)) in zip(axes, METRICS.items()):
-        xs = list(range(len(ours)))
-        q = [quartiles(g[m]) if g[m] else (float("nan"),) * 3 for _, g in ours]
-        ax.errorbar(xs, [v[1] for v in q], yerr=[[v[1] - v[0] for v in q], [v[2] - v[1] for v in q]],
-                    marker="o", capsize=3, label="our init (fan = n)")
-        for init, g in ((i, g) for (i, f), g in groups.items() if i != "ours"):
-            if g[m]:
-                q1, med, q3 = quartiles(g[m])
-                ax.errorbar([len(ours)], [med], yerr=[[med - q1], [q3 - med]], marker="s", color="C3", capsize=3,
-                            label="PyTorch default (fan_in = r)")
+    others = [g for (init, f), g in groups.items() if init != "ours"]
+    for ax, (m, (name, _)) in panels:
+        errorbar(ax, list(range(len(ours))), [g[m] for _, g in ours], marker="o", label="our init (fan = n)")
+        if others:
+            errorbar(ax, [len(ours)], [others[0][m]], marker="s", color="C3", label="PyTorch default (fan_in = r)")
         ax.set_xticks(list(range(len(ours) + 1)), [f"{100 * f:g}%" for f, _ in ours] + ["fan_in=r\n(T=1%)"], fontsize=7)
         ax.set_xlabel("ramp T (fraction of steps)")
         ax.set_title(name, fontsize=10)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Toy DreamBooth: ramp length and initialisation (median, IQR over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, panels, "Toy DreamBooth: ramp length and initialisation (median, IQR over seeds)", path)
 
 
 def report(command: str, data: dict, world: Path, plots: Path) -> None:
@@ -151,9 +150,8 @@ def first_four(path: Path):
 
 def samples_figure(data: dict, world: Path, path: Path, command: str) -> None:
     """Generated 'a sks shape' images of the first seed: one row per method (sweep) or setting (ramp)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bench.plotting import plt, save
+
     from .sweep import key
 
     runs = [r for r in data["runs"].values() if r["seed"] == min(x["seed"] for x in data["runs"].values())]
@@ -186,9 +184,7 @@ def samples_figure(data: dict, world: Path, path: Path, command: str) -> None:
         axes[i, 0].text(-0.05, 0.5, row.split(" (")[0], transform=axes[i, 0].transAxes, ha="right", va="center",
                         fontsize=7)
     fig.suptitle("'a sks shape' after fine-tuning (first seed, first 4 images)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 PRETRAIN_PROMPTS = ["a red circle on a blue background", "a green square on a white background",
@@ -199,11 +195,9 @@ PRETRAIN_PROMPTS = ["a red circle on a blue background", "a green square on a wh
 
 def pretrain_figure(world: Path, path: Path) -> None:
     """What pretraining learned: 4 samples per caption, and the subject's prompt before fine-tuning."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
+    from bench.plotting import plt, save
     from singlora_diffusion.generate import render
     from singlora_diffusion.pipelines import load_pipeline
 
@@ -215,6 +209,4 @@ def pretrain_figure(world: Path, path: Path) -> None:
         ax.imshow(torch.cat(list(images.clamp(0, 1)), dim=2).permute(1, 2, 0).numpy())
         ax.set_title(prompt, fontsize=7)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
