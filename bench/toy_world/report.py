@@ -71,7 +71,7 @@ def ramp_tables(data: dict) -> str:
     groups = group(data, lambda r: (r["init"], r["ramp_frac"], r["ramp_up_steps"]))
     lines = ["| init | ramp T (fraction of steps) | T (steps) | " + " | ".join(n for n, _ in METRICS.values()) + " |",
              "|---" * (3 + len(METRICS)) + "|"]
-    for (init, frac, steps), g in sorted(groups.items(), key=lambda kv: (kv[0][0] != "ours", kv[0][1] or 0.01)):
+    for (init, frac, steps), g in sorted(groups.items(), key=lambda kv: (kv[0][0] != "ours", 0.01 if kv[0][1] is None else kv[0][1])):
         frac_s = "default (1 %)" if frac is None else f"{100 * frac:g} %"
         lines.append(f"| {init} | {frac_s} | {steps} | " + " | ".join(cell(g[m], g["diverged"]) for m in METRICS) + " |")
     return "\n".join(lines)
