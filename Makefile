@@ -39,7 +39,7 @@ bench: venv
 	$(PY) -m bench.trainer_throughput
 	$(PY) -m bench.eval_throughput
 
-# The paper-claim reproductions of docs/science.md (about 1 h 30 min on 2 CPU cores).
+# The paper-claim reproductions of docs/science.md (about 1 h 30 min on a CPU).
 science: venv
 	$(PY) -m bench.attention_toy --seeds 20
 	$(PY) -m bench.toy_world pretrain

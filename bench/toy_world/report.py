@@ -53,6 +53,14 @@ def sweep_tables(data: dict) -> str:
     lines = [f"Base model (no adapter): subject loss {base['subject_loss']:.4f}, feature similarity "
              f"{base['feature_sim']:.4f}, orange-star rate {base['star_rate']:.2f}, class loss {base['class_loss']:.4f}; "
              f"real-vs-real feature similarity {data['reference']['feature_sim_real_vs_real']:.4f}.", ""]
+    at_init: dict = {}
+    for name, m in data.get("singlora_at_init", {}).items():
+        at_init.setdefault(name.split("-")[0], []).append(m)
+    for rank, ms in at_init.items():
+        med = lambda k: statistics.median(x[k] for x in ms)  # noqa: E731
+        lines += [f"SingLoRA {rank} at initialisation (u = 1, untrained; median of {len(ms)} seeds): subject loss "
+                  f"{med('subject_loss'):.4f}, feature similarity {med('feature_sim'):.4f}, orange-star rate "
+                  f"{med('star_rate'):.2f}, prior drift {med('class_loss') - base['class_loss']:.4f}.", ""]
     for m, (name, _) in METRICS.items():
         lines += [f"**{name}**: median [q25, q75] over seeds", "",
                   "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | spread across lrs |",

@@ -145,6 +145,21 @@ def base_metrics(world: Path, evaluator: Evaluator) -> dict:
     return metrics
 
 
+def init_metrics(world: Path, evaluator: Evaluator, rank: int, seed: int) -> dict:
+    """The base plus a fresh SingLoRA adapter at full ramp (u = 1), untrained.
+
+    Unlike LoRA's B = 0, SingLoRA's A·Aᵀ is not zero at initialisation: with
+    entries U(±n^-1/2), AᵀA ≈ I/3, so each adapted layer starts moved by a random
+    positive semi-definite matrix with r eigenvalues near 1/3.
+    """
+    from singlora_diffusion.inject import inject_singlora
+    from singlora_diffusion.pipelines import load_pipeline
+
+    pipe = load_pipeline(str(world / "model"))
+    inject_singlora(pipe.unet, "attn", rank=rank, ramp_up_steps=0, seed=seed)
+    return evaluator.metrics(pipe)
+
+
 def main(command: str, world: Path, quick: bool, plots: Path) -> int:
     if not (world / "model" / "model_index.json").is_file() or not (world / "extractor.pt").is_file():
         raise SystemExit(f"no pretrained toy world in {world}: run `python -m bench.toy_world pretrain"
@@ -158,6 +173,9 @@ def main(command: str, world: Path, quick: bool, plots: Path) -> int:
     data.setdefault("reference", evaluator.reference())
     if "base" not in data:
         data["base"] = base_metrics(world, evaluator)
+    if command == "sweep" and "singlora_at_init" not in data:
+        data["singlora_at_init"] = {f"r{rank}-s{seed}": init_metrics(world, evaluator, rank, seed)
+                                    for adapter, rank in grid.methods if adapter == "singlora" for seed in grid.seeds}
     todo = [r for r in runs_of(grid) if key(r) not in data["runs"]]
     print(f"{command}: {len(todo)} runs to do, {len(data['runs'])} cached in {out}")
     for i, run in enumerate(todo):
