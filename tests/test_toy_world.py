@@ -88,3 +88,21 @@ def test_subject_never_in_pretraining_captions():
     captions = [shapes.class_sample(rng)[1] for _ in range(2000)]
     assert not any(shapes.SUBJECT["shape"] in c or "sks" in c for c in captions)
     assert {c.split()[2] for c in captions} == set(shapes.SHAPES)
+
+
+def test_cached_runs_belong_to_the_pretrained_world(world, tmp_path):
+    """Re-pretraining changes the fingerprint, so a sweep cannot reuse runs of an older model."""
+    import shutil
+
+    from bench.toy_world.sweep import world_id
+
+    data = json.loads((world / "sweep.json").read_text())
+    assert data["world"] == world_id(world)
+    copy = tmp_path / "copy"
+    shutil.copytree(world / "model", copy / "model")
+    state = torch.load(world / "extractor.pt", weights_only=True)
+    torch.save(state, copy / "extractor.pt")
+    assert world_id(copy) == world_id(world)
+    next(iter(state.values())).add_(1e-3)
+    torch.save(state, copy / "extractor.pt")
+    assert world_id(copy) != world_id(world)

@@ -9,6 +9,7 @@ so an interrupted sweep resumes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -160,6 +161,14 @@ def init_metrics(world: Path, evaluator: Evaluator, rank: int, seed: int) -> dic
     return evaluator.metrics(pipe)
 
 
+def world_id(world: Path) -> str:
+    """Fingerprint of the pretrained weights and extractor: cached runs of another world are void."""
+    digest = hashlib.sha256()
+    for f in sorted((world / "model").rglob("*.safetensors")) + [world / "extractor.pt"]:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def main(command: str, world: Path, quick: bool, plots: Path) -> int:
     if not (world / "model" / "model_index.json").is_file() or not (world / "extractor.pt").is_file():
         raise SystemExit(f"no pretrained toy world in {world}: run `python -m bench.toy_world pretrain"
@@ -167,8 +176,9 @@ def main(command: str, world: Path, quick: bool, plots: Path) -> int:
     grid = GRIDS[(command, quick)]
     out = world / f"{command}.json"
     data = json.loads(out.read_text()) if out.is_file() else {}
-    if data.get("grid") != json.loads(json.dumps(asdict(grid))):
-        data = {"grid": asdict(grid), "runs": {}}  # another grid: start over
+    wid = world_id(world)
+    if data.get("grid") != json.loads(json.dumps(asdict(grid))) or data.get("world") != wid:
+        data = {"grid": asdict(grid), "world": wid, "runs": {}}  # another grid or model: start over
     evaluator = Evaluator(world, grid.eval)
     data.setdefault("reference", evaluator.reference())
     if "base" not in data:
