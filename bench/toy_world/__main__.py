@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, default=None,
                        help="folder of the toy world (default results/toy_world, or results/toy_world_quick)")
         p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-        p.add_argument("--seed", type=int, default=0, help="pretraining seed")
         p.add_argument("--plots", type=Path, default=None, help="folder of the PNGs (default docs/science, "
                        "or the --out folder with --quick)")
+    sub.choices["pretrain"].add_argument("--seed", type=int, default=0, help="seed of data, init and batches")
     args = parser.parse_args(argv)
     import torch
 

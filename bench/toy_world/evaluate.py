@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from . import shapes
 from .models import FeatureNet
-from .pretrain import class_dataset, to_tensor, token_ids
+from .pretrain import class_dataset, encode_prompts, to_tensor
 
 
 @dataclass
@@ -55,18 +55,20 @@ class Evaluator:
     def denoise_loss(self, pipe, images: torch.Tensor, prompts: list[str]) -> float:
         from diffusers import DDPMScheduler
 
+        from singlora_diffusion.training.loss import target_of
+
         sched = DDPMScheduler.from_config(pipe.scheduler.config)
         n_t = self.sizes.timesteps
         T = sched.config.num_train_timesteps
         g = torch.Generator().manual_seed(0)
         latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
-        states = pipe.text_encoder(token_ids(pipe, prompts))[0]
+        states = encode_prompts(pipe, prompts)
         total = 0.0
         for k in range(n_t):
             t = torch.full((len(images),), int((k + 0.5) * T / n_t))
             noise = torch.randn(latents.shape, generator=g)
             pred = pipe.unet(sched.add_noise(latents, noise, t), t, states).sample
-            total += F.mse_loss(pred.float(), noise).item()
+            total += F.mse_loss(pred.float(), target_of(sched, latents, noise, t)).item()
         return total / n_t
 
     @torch.no_grad()

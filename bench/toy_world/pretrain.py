@@ -62,9 +62,9 @@ def encode(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, t
     return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
 
 
-def token_ids(pipe, prompts: list[str]) -> torch.Tensor:
-    return pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder states through the pipeline's own encode_prompt (gradients flow when training)."""
+    return pipe.encode_prompt(prompts, pipe.text_encoder.device, 1, False)[0]
 
 
 def train_denoiser(pipe, mean, std, captions, steps: int, batch: int, seed: int, log) -> float:
@@ -84,7 +84,7 @@ def train_denoiser(pipe, mean, std, captions, steps: int, batch: int, seed: int,
     for i, idx in enumerate(_batches(len(mean), batch, steps, seed)):
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
         prompts = [("" if torch.rand((), generator=g) < 0.1 else captions[j]) for j in idx.tolist()]
-        states = pipe.text_encoder(token_ids(pipe, prompts))[0]
+        states = encode_prompts(pipe, prompts)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
         pred = pipe.unet(noise_scheduler.add_noise(latents, noise, t), t, states).sample

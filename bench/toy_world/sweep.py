@@ -129,12 +129,13 @@ def train_and_measure(world: Path, run: dict, grid: Grid, evaluator: Evaluator) 
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
-    """(N, 3, H, W) in [-1, 1] -> one PNG row."""
-    from PIL import Image
+    """(N, 3, H, W) in [-1, 1] -> one PNG row, with the trainer's sample_grid."""
+    from torchvision.transforms.functional import to_pil_image
+
+    from singlora_diffusion.training.card import sample_grid
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    row = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(2, 0, 3, 1).reshape(images.shape[2], -1, 3)
-    Image.fromarray(row.numpy()).save(path)
+    sample_grid([to_pil_image((im.clamp(-1, 1) + 1) / 2) for im in images], columns=len(images)).save(path)
 
 
 def base_metrics(world: Path, evaluator: Evaluator) -> dict:
