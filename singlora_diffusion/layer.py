@@ -95,7 +95,7 @@ class SingLoRALinear(nn.Module):
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
         self.ramp_up_steps = int(ramp_up_steps)
         self.d_in, self.d_out = d_in, d_out
-        self.scale = 1.0  # inference-time strength; see inject.set_scale
+        self._scale = 1.0  # inference-time strength; see the `scale` property
         self.merged_coef: float | None = None  # coef folded into base_layer.weight, if merged
         # A is float32 whatever the base dtype: in bf16 an AdamW update of ~lr
         # on entries of ~n^-1/2 rounds to zero while u(t) is small.
@@ -121,6 +121,23 @@ class SingLoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.d_out
 
+    @property
+    def scale(self) -> float:
+        """Inference-time strength multiplying the update (inject.set_scale sets it model-wide)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        value = float(value)
+        if self.merged_coef is not None and value != self._scale:
+            # A merged layer's output comes from base_layer.weight alone: fold the
+            # update in again at the new strength, or the new value would be ignored.
+            self.unmerge()
+            self._scale = value
+            self.merge()
+        else:
+            self._scale = value
+
     def coef(self, scale: float | None = None) -> torch.Tensor:
         """(α/r) · u(t) · scale as a float32 0-d tensor on A's device."""
         u = ramp(self.singlora_step, self.ramp_up_steps).to(self.singlora_A.device)
@@ -135,6 +152,9 @@ class SingLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, scale: float | None = None, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.merged_coef is not None:
+            if scale is not None and scale != self._scale:
+                raise RuntimeError(f"this layer is merged at scale {self._scale:g}; set layer.scale = {scale:g} "
+                                   f"(which re-merges) or unmerge() before calling it with another scale")
             return out
         # The adapter path runs in float32 even inside autocast (which would
         # otherwise run these matmuls in bf16/fp16); its output is cast back.
@@ -147,10 +167,16 @@ class SingLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, scale: float | None = None) -> None:
-        """Fold ΔW into base_layer.weight. Merging an already merged layer does nothing."""
+        """Fold ΔW into base_layer.weight (at `scale`, which becomes self.scale, if given).
+
+        Merging an already merged layer again at its own scale does nothing; at
+        another scale it re-merges (see the `scale` setter).
+        """
+        if scale is not None and float(scale) != self._scale:
+            self.scale = scale  # re-merges if merged; otherwise only records it
         if self.merged_coef is not None:
             return
-        coef = self.coef(scale)
+        coef = self.coef()
         W = self.base_layer.weight
         W.copy_((W.to(torch.float32) + delta_weight(self.singlora_A, self.d_out, self.d_in, coef)).to(W.dtype))
         self.merged_coef = float(coef)
@@ -172,11 +198,16 @@ class SingLoRALinear(nn.Module):
         # Keep A in float32 when the model is cast (pipe.to(torch.bfloat16),
         # .half()): move it to the requested device only. Casting it down
         # would silently lose the small early updates (see __init__).
+        # Its gradient stays float32 too: AdamW (and GradScaler's unscale) would
+        # otherwise read a bf16/fp16 gradient of a float32 parameter.
         original = self.singlora_A.detach()  # keeps the float32 storage alive
+        grad = None if self.singlora_A.grad is None else self.singlora_A.grad.detach()
         device = fn(original[:0]).device
         result = super()._apply(fn, recurse)
         if self.singlora_A.dtype != torch.float32:
             self.singlora_A.data = original.to(device=device)
+        if grad is not None and self.singlora_A.grad is not None and self.singlora_A.grad.dtype != torch.float32:
+            self.singlora_A.grad = grad.to(device=device)
         return result
 
     def extra_repr(self) -> str:

@@ -205,3 +205,31 @@ def test_merge_equals_unmerged_forward_and_is_idempotent(d_out, d_in):
 def test_rank_larger_than_layer_is_refused():
     with pytest.raises(ValueError, match="rank 40"):
         SingLoRALinear(nn.Linear(16, 32), 40)
+
+
+def test_casting_the_model_keeps_the_gradient_of_A_float32():
+    layer = _layer(16, 24, step=10)
+    layer(torch.randn(3, 24)).sum().backward()
+    grad = layer.singlora_A.grad.clone()
+    layer.to(torch.bfloat16)
+    assert layer.singlora_A.grad.dtype == torch.float32 and torch.equal(layer.singlora_A.grad, grad)
+
+
+@pytest.mark.parametrize("d_out,d_in", SHAPES)
+def test_a_new_scale_on_a_merged_layer_re_merges(d_out, d_in):
+    layer = _layer(d_out, d_in)
+    W0 = layer.base_layer.weight.detach().double().clone()
+    x = torch.randn(5, d_in)
+    layer.merge()
+    layer.scale = 0.25  # must not be ignored by the merged layer
+    assert layer.merged_coef is not None
+    ref = 0.25 * reference_delta(layer.singlora_A, d_out, d_in, 8.0, 4, 0.5)
+    torch.testing.assert_close(layer.base_layer.weight.double(), W0 + ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(x).double(), x.double() @ (W0 + ref).T + layer.base_layer.bias.double(),
+                               rtol=1e-5, atol=1e-5)
+    layer.merge(scale=1.0)  # merge at another scale: the same re-merge
+    torch.testing.assert_close(layer.base_layer.weight.double(), W0 + 4 * ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="merged at scale 1"):
+        layer(x, scale=0.5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight.double(), W0, rtol=0, atol=1e-6)
