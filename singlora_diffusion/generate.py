@@ -1,6 +1,7 @@
 """Rendering with a native SingLoRA file or any diffusers / kohya LoRA file."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -50,11 +51,62 @@ def remove_adapter(pipe) -> None:
     pipe.unload_lora_weights()
 
 
+@contextlib.contextmanager
+def adapters_off(pipe):
+    """The exact base model for the block: every adapter of every component off, whatever its kind.
+
+    SingLoRA layers run at scale 0 (coefficient 0: the base output exactly);
+    PEFT layers (our LoRA/DoRA baselines and LoRA files loaded by diffusers,
+    which uses PEFT) are disabled. Everything is restored afterwards.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .inject import adapter_scale
+
+    models = list(pipeline_components(pipe).values())
+    peft_layers = [m for model in models for m in model.modules()
+                   if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(adapter_scale(model, 0.0))
+        for m in peft_layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m in peft_layers:
+                m.enable_adapters(True)
+
+
+@contextlib.contextmanager
+def decode_in_vae_dtype(vae):
+    """Hand the VAE its latents in its own dtype while the block runs.
+
+    The pipelines pass the UNet's latents to vae.decode unchanged. When the VAE
+    is kept in float32 beside an fp16 UNet (its config's force_upcast: SD1.5 and
+    SDXL VAEs overflow in fp16), that crashes ("Input type (c10::Half) and bias
+    type (float)"). Running the decode under fp16 autocast instead would bring
+    the overflow back, so the input is cast at the VAE's entry modules.
+    """
+    dtype = vae.dtype
+
+    def cast(_module, args):
+        return (args[0].to(dtype), *args[1:])
+    entries = [m for m in (getattr(vae, "post_quant_conv", None), getattr(vae, "decoder", None)) if m is not None]
+    handles = [m.register_forward_pre_hook(cast) for m in entries]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def render(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float = 7.5,
            negative_prompt: str | None = None, width: int | None = None, height: int | None = None,
            num_images: int = 1, output_type: str = "pil"):
     """Images (or latents) for one prompt with a seeded CPU generator, so runs are reproducible anywhere."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                width=width, height=height, num_images_per_prompt=num_images, generator=generator,
-                output_type=output_type).images
+    with decode_in_vae_dtype(pipe.vae):
+        return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                    width=width, height=height, num_images_per_prompt=num_images, generator=generator,
+                    output_type=output_type).images

@@ -1,7 +1,6 @@
 """The model card README.md and the sample grid written beside a trained adapter."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from .build import Trainee
@@ -19,36 +18,16 @@ def sample_grid(images, columns: int = 4):
     return grid
 
 
-@contextlib.contextmanager
-def adapters_off(trainee: Trainee):
-    """Render the base model: SingLoRA at scale 0, PEFT adapters disabled."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from ..inject import adapter_scale
-
-    with contextlib.ExitStack() as stack:
-        peft_layers = [m for model in trainee.trained.values() for m in model.modules() if isinstance(m, BaseTunerLayer)]
-        for model in trainee.trained.values():
-            stack.enter_context(adapter_scale(model, 0.0))
-        for m in peft_layers:
-            m.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for m in peft_layers:
-                m.enable_adapters(True)
-
-
 def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path) -> dict:
     """README.md + samples.png: the base model (top row) and the adapted one (bottom), same seeds."""
-    from ..generate import render
+    from ..generate import adapters_off, render
 
     prompt = cfg.validation_prompt or cfg.instance_prompt
     for m in trainee.trained.values():
         m.eval()
     settings = dict(seed=cfg.seed, steps=cfg.validation_inference_steps, num_images=cfg.num_validation_images,
                     width=cfg.resolution, height=cfg.resolution)
-    with adapters_off(trainee):
+    with adapters_off(trainee.pipe):
         before = render(trainee.pipe, prompt, **settings)
     after = render(trainee.pipe, prompt, **settings)
     grid_path = output_dir / "samples.png"

@@ -18,8 +18,7 @@ def generate_class_images(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, ac
 
     Existing images are kept, so an interrupted generation resumes where it stopped.
     """
-    from ..generate import render
-    from ..inject import adapter_scale
+    from ..generate import adapters_off, render
     from .data import scan_images
 
     missing = cfg.num_class_images - len(inputs.class_images)
@@ -27,7 +26,9 @@ def generate_class_images(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, ac
         folder = Path(cfg.class_data_dir)
         print(f"generating {missing} class images for '{cfg.class_prompt}' in {folder}")
         start = len(inputs.class_images)
-        with adapter_scale(trainee.pipe.unet, 0.0):  # the base model's prior, not the fresh adapter's
+        # The base model's prior: every adapter off, text encoders' included (A·Aᵀ is not zero at
+        # initialisation, so a fresh adapter already changes the class-prompt embedding).
+        with adapters_off(trainee.pipe):
             for first in range(start, cfg.num_class_images, cfg.sample_batch_size):
                 n = min(cfg.sample_batch_size, cfg.num_class_images - first)
                 images = render(trainee.pipe, cfg.class_prompt, seed=cfg.seed * 1_000_003 + first,

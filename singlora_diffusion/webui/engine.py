@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..format import read_metadata
-from ..generate import apply_adapter, remove_adapter, render
-from ..inject import adapter_scale, set_scale, singlora_modules
+from ..generate import adapters_off, apply_adapter, remove_adapter, render
+from ..inject import set_scale
 from ..pipelines import load_pipeline, pipeline_components
 from .requests import BadRequest, GenerateRequest
 
@@ -100,29 +100,10 @@ class Engine:
         with self.lock:
             if self.kind is None:
                 raise BadRequest("Pick an adapter to compare against the base model.")
-            with self._adapter_off():
+            with adapters_off(self.pipe):
                 base = self._render(req, "base")
             self._strength(req.strength)
             return base, self._render(req, "adapted")
-
-    def _adapter_off(self):
-        import contextlib
-
-        if self.kind == "singlora":
-            stack = contextlib.ExitStack()
-            for model in pipeline_components(self.pipe).values():
-                if singlora_modules(model):
-                    stack.enter_context(adapter_scale(model, 0.0))  # coef 0: exactly the base output
-            return stack
-
-        @contextlib.contextmanager
-        def lora_off():
-            self.pipe.disable_lora()
-            try:
-                yield
-            finally:
-                self.pipe.enable_lora()
-        return lora_off()
 
 
 def check_adapter_file(path: Path) -> None:

@@ -1,0 +1,40 @@
+"""The user's real path on the tiny pipelines: fp16 runs end to end, class images from the base."""
+import numpy as np
+import torch
+from PIL import Image
+
+from singlora_diffusion.format import read_adapter
+from singlora_diffusion.generate import render
+from singlora_diffusion.pipelines import load_pipeline
+from singlora_diffusion.training.run import train
+
+from .train_helpers import tiny_config
+
+
+def test_fp16_run_renders_validation_class_images_and_the_card(tiny_pipeline_dir, tmp_path):
+    """The VAE stays float32 (force_upcast) beside an fp16 UNet: every render decodes in the VAE's dtype."""
+    out, classes = tmp_path / "run", tmp_path / "class"
+    files = train(tiny_config(tiny_pipeline_dir(), out, mixed_precision="fp16", max_train_steps=2,
+                              validation_prompt="a photo of sks dog", validation_steps=1,
+                              with_prior_preservation=True, class_data_dir=str(classes),
+                              class_prompt="a photo of dog", num_class_images=1, sample_batch_size=1))
+    assert read_adapter(files["adapter"]).step == 2
+    assert len(list((out / "validation").glob("step-*.png"))) == 2
+    assert len(list(classes.glob("class-*.png"))) == 1
+    grid = np.asarray(Image.open(files["samples"]).convert("RGB"), dtype=np.float32)
+    assert grid.shape == (128, 64, 3) and grid.std() > 1  # base and adapted rows, real pixels (not NaN-black)
+    assert (out / "README.md").is_file() and (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_class_images_come_from_the_base_model_with_text_encoder_adapters(tiny_pipeline_dir, tmp_path):
+    """--train_text_encoder with no ramp: A·Aᵀ is not zero at init, so the text-encoder adapters must be off too."""
+    base, classes = tiny_pipeline_dir(), tmp_path / "class"
+    cfg = tiny_config(base, tmp_path / "run", train_text_encoder=True, ramp_up_steps=0, max_train_steps=1,
+                      with_prior_preservation=True, class_data_dir=str(classes), class_prompt="a photo of dog",
+                      num_class_images=1, sample_batch_size=1)
+    train(cfg)
+    made = torch.tensor(np.asarray(Image.open(classes / "class-00000.png").convert("RGB")), dtype=torch.float32)
+    image = render(load_pipeline(base), "a photo of dog", seed=cfg.seed * 1_000_003, steps=cfg.validation_inference_steps,
+                   width=cfg.resolution, height=cfg.resolution)[0]
+    expected = torch.tensor(np.asarray(image.convert("RGB")), dtype=torch.float32)
+    assert (made - expected).abs().max() <= 1  # the plain base model's image (8-bit rounding at most)
