@@ -20,6 +20,13 @@ KOHYA_PREFIX = {
 }
 
 
+def kohya_base_version(adapter: AdapterFile) -> str:
+    """ss_base_model_version as kohya's tools write it; files older than base_model_version get it from base_arch."""
+    if "base_model_version" in adapter.metadata:
+        return adapter.metadata["base_model_version"]
+    return "sdxl_base_v1-0" if adapter.metadata.get("base_arch") == "sdxl" else "sd_v1"
+
+
 def _factors(adapter: AdapterFile, fold_alpha: bool):
     """Yield (component, module_path, up, down) with u(step) (and α/r if fold_alpha) in `up`."""
     u = float(ramp(adapter.step, adapter.ramp_up_steps))
@@ -67,7 +74,7 @@ def export_kohya(adapter_path: str | os.PathLike, out_file: str | os.PathLike) -
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(adapter.rank),
-            "ss_network_alpha": str(adapter.alpha), "ss_base_model_version": adapter.metadata.get("base_arch", "sd"),
+            "ss_network_alpha": str(adapter.alpha), "ss_base_model_version": kohya_base_version(adapter),
             "singlora_source": os.path.basename(adapter.path), "singlora_step": str(adapter.step)}
     save_file(tensors, str(out_file), metadata=meta)
     return out_file

@@ -6,7 +6,8 @@ component is unet, text_encoder or text_encoder_2; module_path is the path LoRA
 files use (diffusers UNet names; CLIP text encoders with the `text_model.`
 level that transformers 5 no longer has in named_modules()). `__metadata__`
 holds strings: format, format_version, rank, alpha, ramp_up_steps, step,
-target_modules, text_encoder_target_modules, base_model, base_arch and
+target_modules, text_encoder_target_modules, base_model, base_arch (sd | sdxl),
+base_model_version (kohya's ss_base_model_version: sd_v1 | sd_v2 | sdxl_base_v1-0) and
 module_shapes ({component.module_path: [d_out, d_in]}, which export needs to
 split non-square layers without the base model). Weights are never unpickled.
 """
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .inject import get_step, inject_singlora, set_step, singlora_modules
-from .pipelines import base_arch
+from .pipelines import base_arch, base_model_version
 from .targets import COMPONENT_KIND, resolve_patterns
 
 FORMAT, FORMAT_VERSION = "singlora", "1"
@@ -107,7 +108,11 @@ def save_adapter(path: str | os.PathLike, components: dict[str, nn.Module], base
                                      else unet_modules),
         "text_encoder_target_modules": json.dumps(None if text_encoder_target_modules is None else
                                                   list(resolve_patterns(text_encoder_target_modules, "text_encoder"))),
-        "base_model": str(base_model), "base_arch": base_arch(components),
+        # from the UNet's config, not from which components carry adapters: a UNet-only SDXL
+        # adapter is still an SDXL adapter
+        **({"base_arch": base_arch(components["unet"]), "base_model_version": base_model_version(components["unet"])}
+           if "unet" in components else {"base_arch": "sdxl" if "text_encoder_2" in components else "sd"}),
+        "base_model": str(base_model),
         "module_shapes": json.dumps(shapes),
     }
     path = Path(path)

@@ -19,8 +19,54 @@ def pipeline_components(pipe) -> dict[str, nn.Module]:
     return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
 
 
-def base_arch(components: dict[str, nn.Module]) -> str:
-    return "sdxl" if "text_encoder_2" in components else "sd"
+def base_arch(unet) -> str:
+    """"sdxl" or "sd", from the UNet itself (an adapter may live on the UNet alone).
+
+    SDXL's UNet (base and refiner) takes the pooled-text + size/crop "text_time" embedding.
+    """
+    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd"
+
+
+def base_model_version(unet) -> str:
+    """kohya's ss_base_model_version: sdxl_base_v1-0, sd_v2 (OpenCLIP-H, 1024-wide context) or sd_v1.
+
+    A1111 lists an SDXL LoRA under SDXL models only when this starts with "sdxl_".
+    """
+    if base_arch(unet) == "sdxl":
+        return "sdxl_base_v1-0"
+    return "sd_v2" if unet.config.cross_attention_dim == 1024 else "sd_v1"
+
+
+def _latent_stats(vae_config, like: torch.Tensor):
+    mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, len(mean), 1, 1)
+    return (torch.tensor(mean).view(shape).to(like.device, like.dtype),
+            torch.tensor(std).view(shape).to(like.device, like.dtype))
+
+
+def to_unet_latents(vae_config, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents (b, c, h, w) -> what the UNet is trained on.
+
+    z·sf, or (z − mean)·sf/std for VAEs whose config carries latents_mean and
+    latents_std (SDXL-family VAEs such as Playground's), as diffusers' SDXL
+    DreamBooth script encodes and the SDXL pipeline decodes (from_unet_latents).
+    """
+    stats = _latent_stats(vae_config, z)
+    if stats is None:
+        return z * vae_config.scaling_factor
+    mean, std = stats
+    return (z - mean) * vae_config.scaling_factor / std
+
+
+def from_unet_latents(vae_config, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_unet_latents: what vae.decode takes."""
+    stats = _latent_stats(vae_config, latents)
+    if stats is None:
+        return latents / vae_config.scaling_factor
+    mean, std = stats
+    return latents * std / vae_config.scaling_factor + mean
 
 
 def inject_adapters(components: dict[str, nn.Module], cfg: AdapterConfig,

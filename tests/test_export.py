@@ -72,3 +72,28 @@ def test_diffusers_export_keys_and_exact_factors(tiny_pipeline_dir, tmp_path):
     ref = 2.0 * 0.7 * A[:32] @ A[:48].T
     got = tensors[f"unet.{name}.lora_B.weight"].double() @ tensors[f"unet.{name}.lora_A.weight"].double()
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,family,version", [("sd15", "sd", "sd_v1"), ("sdxl", "sdxl", "sdxl_base_v1-0")])
+def test_unet_only_adapter_names_its_base_as_kohya_does(arch, family, version, tiny_pipeline_dir, tmp_path):
+    """A UNet-only SDXL adapter is still SDXL; A1111 lists an SDXL LoRA only if ss_base_model_version is sdxl_*."""
+    base = tiny_pipeline_dir(arch)
+    _, components, cfg = adapted_pipeline(base, text_encoders=False)
+    adapter = save_adapter(tmp_path / "a.safetensors", {"unet": components["unet"]}, str(base), cfg.target_modules)
+    with safe_open(str(adapter), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["base_arch"], meta["base_model_version"]) == (family, version)
+    with safe_open(str(export_kohya(adapter, tmp_path / "k.safetensors")), framework="pt") as f:
+        assert f.metadata()["ss_base_model_version"] == version
+
+
+def test_sd2_unet_is_sd_v2():
+    from diffusers import UNet2DConditionModel
+
+    from singlora_diffusion.pipelines import base_model_version
+    from singlora_diffusion.reference_configs import UNET_CONFIGS
+
+    with torch.device("meta"):  # SD2.x: the OpenCLIP-H text encoder's 1024-wide context
+        unet = UNet2DConditionModel(**{**UNET_CONFIGS["sd15"], "cross_attention_dim": 1024,
+                                       "attention_head_dim": (5, 10, 20, 20)})
+    assert base_model_version(unet) == "sd_v2"

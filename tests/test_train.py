@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def A_of(out) -> dict:
-    return load_file(str(Path(out) / "singlora_weights.safetensors"))
+    return load_file(str(Path(out) / "singlora_weights.safetensors"))  # a run's or a checkpoint's folder
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -100,19 +100,23 @@ def _wait_for(path: Path, proc, timeout=240):
 
 
 def test_kill_9_mid_run_then_resume_equals_straight_run(tiny_pipeline_dir, tmp_path):
+    from singlora_diffusion.training.checkpoint import KILL_AFTER_ENV
+
     base = tiny_pipeline_dir()
     straight = tmp_path / "straight"
     train(tiny_config(base, straight, max_train_steps=8, checkpointing_steps=2, ramp_up_steps=4))
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_cli(base, out, "--max_train_steps", "400", "--ramp_up_steps", "4"), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _wait_for(out / "checkpoint-4" / "trainer_state.json", proc)
-    proc.send_signal(signal.SIGKILL)  # no cleanup of any kind
-    proc.wait()
+    # The trainer SIGKILLs itself right after checkpoint-4 is complete: a crash at a known point, no race.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", KILL_AFTER_ENV: "4"}
+    run = subprocess.run(_cli(base, out, "--max_train_steps", "8", "--ramp_up_steps", "4"), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stdout[-2000:] + run.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "singlora_weights.safetensors").exists()
     train(tiny_config(base, out, max_train_steps=8, checkpointing_steps=2, ramp_up_steps=4,
                       resume_from_checkpoint="latest"))
     assert max_diff(A_of(out), A_of(straight)) <= 1e-5
+    assert max_diff(A_of(out), A_of(out / "checkpoint-4")) > 1e-4  # it trained on from step 4
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_pipeline_dir, tmp_path):
@@ -132,14 +136,14 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_pipeline_dir, tmp
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tiny_pipeline_dir, tmp_path, monkeypatch):
-    real = loop.per_sample_loss
+    real = loop.per_sample_mse
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
-    monkeypatch.setattr(loop, "per_sample_loss", poisoned)
+    monkeypatch.setattr(loop, "per_sample_mse", poisoned)
     out = tmp_path / "run"
     with pytest.raises(loop.TrainingDiverged, match="loss became nan at step 3.*checkpoint-2"):
         train(tiny_config(tiny_pipeline_dir(), out, max_train_steps=5, checkpointing_steps=2))

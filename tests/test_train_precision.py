@@ -38,3 +38,25 @@ def test_class_images_come_from_the_base_model_with_text_encoder_adapters(tiny_p
                    width=cfg.resolution, height=cfg.resolution)[0]
     expected = torch.tensor(np.asarray(image.convert("RGB")), dtype=torch.float32)
     assert (made - expected).abs().max() <= 1  # the plain base model's image (8-bit rounding at most)
+
+
+def test_sdxl_vae_latents_mean_and_std_are_used_as_diffusers_does(tiny_pipeline_dir):
+    """(z − mean)·sf/std for training, as diffusers' SDXL DreamBooth script; the pipeline decodes the inverse."""
+    from singlora_diffusion.bundled import bundled_subject
+    from singlora_diffusion.pipelines import from_unet_latents
+    from singlora_diffusion.training.batches import LatentSource
+    from singlora_diffusion.training.data import scan_images
+
+    pipe = load_pipeline(tiny_pipeline_dir("sdxl"))
+    mean, std = [0.5, -0.25, 0.125, 1.0], [2.0, 0.5, 1.5, 4.0]
+    pipe.vae.register_to_config(latents_mean=mean, latents_std=std)
+    source = LatentSource(pipe.vae, scan_images(bundled_subject()), 64, True, False, True)
+    torch.manual_seed(0)
+    z, _ = source.get(0)
+    m, s = torch.tensor(mean).view(4, 1, 1), torch.tensor(std).view(4, 1, 1)
+    expected = (z.double() - m.double()) * pipe.vae.config.scaling_factor / s.double()
+    got = source.scale(z[None])[0]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(from_unet_latents(pipe.vae.config, got[None])[0], z, rtol=1e-5, atol=1e-5)
+    pipe.vae.register_to_config(latents_mean=None, latents_std=None)  # SD's VAEs: z·sf only
+    torch.testing.assert_close(source.scale(z[None])[0], z * pipe.vae.config.scaling_factor)

@@ -1,10 +1,13 @@
 """What one micro-batch is made of: which images, their latents, their prompt embeddings.
 
-Everything random in a micro-batch (which images, crop, flip, noise, timesteps)
-is drawn after `seed_position` seeds the RNG from (seed, micro-batch index,
-rank). A run resumed from a checkpoint, or restarted after a crash, therefore
-draws exactly what the uninterrupted run drew; the data position is the
-number of samples consumed.
+Everything random about one training sample (its crop, flip, latent draw,
+noise and timestep) is drawn right after `seed_sample` seeds the RNG from
+(seed, stream, sample index), where the index counts samples of the global
+stream (sample_indices). A sample therefore does not depend on which process
+drew it, on the batch it was in, or on whether the run was resumed: a resumed
+run draws exactly what the uninterrupted one drew, and 2 processes × batch 1
+see exactly what 1 process × batch 2 sees. The data position is the number of
+samples consumed.
 """
 from __future__ import annotations
 
@@ -14,11 +17,13 @@ from pathlib import Path
 
 import torch
 
+from ..pipelines import to_unet_latents
 from .data import Crop, augmentations_are_deterministic, load_image, prepare_image
 
 
-def seed_position(seed: int, micro_step: int, rank: int) -> None:
-    digest = hashlib.sha256(f"{seed}/{micro_step}/{rank}".encode()).digest()
+def seed_sample(seed: int, stream: str, index: int) -> None:
+    """Seed torch's and Python's global RNGs for sample `index` of `stream` ("instance" or "class")."""
+    digest = hashlib.sha256(f"{seed}/{stream}/{index}".encode()).digest()
     s = int.from_bytes(digest[:8], "little") % (2 ** 63)
     torch.manual_seed(s)
     random.seed(s)
@@ -68,15 +73,19 @@ class LatentSource:
         dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
         return dist.mean[0], dist.std[0], crop
 
-    def get(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents (b, 4, h, w) scaled for the UNet, SDXL time ids (b, 6))."""
-        latents, time_ids = [], []
-        for i in indices:
-            flip = self.random_flip and bool(torch.rand(()) < 0.5)
-            mean, std, crop = self.cache[(i, flip)] if self.cached else self._encode(i, flip)
-            latents.append(mean + std * torch.randn(mean.shape).to(mean.device, mean.dtype))
-            time_ids.append(crop.time_ids(self.resolution))
-        return torch.stack(latents) * self.vae.config.scaling_factor, torch.tensor(time_ids)
+    def get(self, i: int) -> tuple[torch.Tensor, list[int]]:
+        """Image i as VAE latents (c, h, w), not yet scaled for the UNet, and its SDXL time ids.
+
+        Draws (in this order) the flip, the crop and the latent sample from the global RNG.
+        """
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        mean, std, crop = self.cache[(i, flip)] if self.cached else self._encode(i, flip)
+        latent = mean + std * torch.randn(mean.shape).to(mean.device, mean.dtype)
+        return latent, crop.time_ids(self.resolution)
+
+    def scale(self, latents: torch.Tensor) -> torch.Tensor:
+        """A batch of VAE latents as the UNet is trained on them."""
+        return to_unet_latents(self.vae.config, latents)
 
 
 class PromptEncoder:

@@ -63,7 +63,8 @@ class TrainConfig(AdapterConfig):
     mixed_precision: str = _f("no", "no | fp16 | bf16: the frozen base in this dtype; adapters stay fp32",
                               choices=PRECISIONS)
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet (and text encoder)")
-    snr_gamma: float | None = _f(None, "min-SNR loss weighting gamma (5.0 is the paper's value); unset = off")
+    snr_gamma: float | None = _f(None, "min-SNR loss weighting gamma (5.0 is the paper's value) of the instance "
+                                       "loss; the prior-preservation loss stays unweighted. Unset = off")
     noise_offset: float = _f(0.0, "offset noise strength (0.05-0.1 helps very dark/bright images)")
     prediction_type: str | None = _f(None, "epsilon | v_prediction; unset = the base scheduler's")
     cache_latents: bool = _f(True, "encode images with the VAE once when augmentations are deterministic")

@@ -11,11 +11,11 @@ import torch
 
 from ..inject import attach_ramp, singlora_modules
 from ..layer import ramp
-from .batches import LatentSource, PromptEncoder, sample_indices, seed_position
+from .batches import LatentSource, PromptEncoder, sample_indices, seed_sample
 from .build import Inputs, Trainee
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .loss import add_noise, dreambooth_loss, per_sample_loss, target_of
+from .loss import draw_noise, dreambooth_loss, per_sample_mse, snr_weights, target_of
 from .weights import read_weights, write_weights
 
 
@@ -59,27 +59,47 @@ def ramp_value(trainee: Trainee):
     return lambda: float(ramp(m.singlora_step, m.ramp_up_steps))
 
 
+def draw_samples(cfg: TrainConfig, source: LatentSource, stream: str, first: int, num_train_timesteps: int):
+    """Samples first .. first + batch - 1 of one stream: (VAE latents, time ids, noise, timesteps).
+
+    Each sample's draws come from its own seed (batches.seed_sample), in a fixed order.
+    """
+    image_seed = cfg.seed + (1 if stream == "class" else 0)
+    latents, time_ids, noises, timesteps = [], [], [], []
+    for s in range(first, first + cfg.train_batch_size):
+        seed_sample(cfg.seed, stream, s)
+        latent, time_id = source.get(sample_indices(len(source.paths), s, 1, image_seed)[0])
+        noise, t = draw_noise(tuple(latent.shape), cfg.noise_offset, num_train_timesteps)
+        latents.append(latent)
+        time_ids.append(time_id)
+        noises.append(noise)
+        timesteps.append(t)
+    return source.scale(torch.stack(latents)), torch.tensor(time_ids), torch.stack(noises), torch.stack(timesteps)
+
+
 def micro_batch_loss(cfg: TrainConfig, trainee: Trainee, accelerator, noise_scheduler, prompts: PromptEncoder,
                      instance: LatentSource, prior: LatentSource | None, first: int):
     """The DreamBooth loss of samples first .. first + batch - 1 (and as many class images)."""
     bs, device, dtype = cfg.train_batch_size, accelerator.device, trainee.weight_dtype
-    latents, time_ids = instance.get(sample_indices(len(instance.paths), first, bs, cfg.seed))
+    num_t = noise_scheduler.config.num_train_timesteps
+    parts = [draw_samples(cfg, instance, "instance", first, num_t)]
     texts = [cfg.instance_prompt] * bs
     if prior is not None:
-        class_latents, class_time_ids = prior.get(sample_indices(len(prior.paths), first, bs, cfg.seed + 1))
-        latents, time_ids = torch.cat([latents, class_latents]), torch.cat([time_ids, class_time_ids])
+        parts.append(draw_samples(cfg, prior, "class", first, num_t))
         texts += [cfg.class_prompt] * bs
+    latents, time_ids, noise, timesteps = (torch.cat(t) for t in zip(*parts))
     latents = latents.to(device, dtype)
+    noise, timesteps = noise.to(latents), timesteps.to(device)
     embeds, pooled = zip(*(prompts.get(t) for t in texts))
-    noisy, noise, timesteps = add_noise(noise_scheduler, latents, cfg.noise_offset)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     cond = {}
     if pooled[0] is not None:  # SDXL: pooled text and micro-conditioning (original size, crop, target size)
         cond = {"added_cond_kwargs": {"text_embeds": torch.cat(pooled), "time_ids": time_ids.to(device, dtype)}}
     with accelerator.autocast():
         pred = trainee.pipe.unet(noisy, timesteps, torch.cat(embeds), **cond).sample
-    per_sample = per_sample_loss(pred, target_of(noise_scheduler, latents, noise, timesteps), noise_scheduler,
-                                 timesteps, cfg.snr_gamma)
-    return dreambooth_loss(per_sample, bs, cfg.prior_loss_weight)
+    mse = per_sample_mse(pred, target_of(noise_scheduler, latents, noise, timesteps))
+    weights = None if cfg.snr_gamma is None else snr_weights(noise_scheduler, timesteps, cfg.snr_gamma)
+    return dreambooth_loss(mse, bs, cfg.prior_loss_weight, weights)
 
 
 def average_gradients(params, accelerator) -> None:
@@ -89,7 +109,12 @@ def average_gradients(params, accelerator) -> None:
         p.grad.copy_(g.view_as(p.grad))
 
 
-def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=print) -> FitResult:
+MAX_SKIPPED_IN_A_ROW = 30  # GradScaler halves its scale per skip: 2^16 -> below 1 long before this
+
+
+def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=print,
+        resume: Path | None = None) -> FitResult:
+    """Train to cfg.max_train_steps optimizer steps, from `resume` (a checkpoint folder) if given."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -108,8 +133,8 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
 
     params = trainee.parameters()
     optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, params))
-    # The scheduler is stepped by hand once per optimizer step, so its step count
-    # does not depend on the number of processes.
+    # The scheduler is stepped by hand once per optimizer step really taken, so its
+    # step count depends neither on the number of processes nor on skipped fp16 steps.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=getattr(optimizer, "optimizer", optimizer),
                                  num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps,
                                  num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
@@ -118,45 +143,42 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
 
     output_dir = Path(cfg.output_dir)
     write = lambda folder: write_weights(trainee, folder, cfg.pretrained_model_name_or_path, cfg)
-    step, last_ckpt, samples_at_start = 0, None, 0
-    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    # optimizer steps taken; samples of the global stream consumed (by the last finished step)
+    step, last_ckpt, samples = 0, None, 0
     if resume is not None:
-        state = load_checkpoint(resume, lambda f: read_weights(trainee, f), optimizer, lr_scheduler)
-        step, last_ckpt, samples_at_start = state["step"], resume, state["samples_seen"]
+        state = load_checkpoint(resume, lambda f: read_weights(trainee, f), optimizer, lr_scheduler,
+                                accelerator.scaler)
+        step, last_ckpt, samples = state["step"], resume, state["samples_seen"]
         log(f"resumed from {resume} at step {step} (saved by {state.get('num_processes', 1)} process(es))")
-    start_position = step * cfg.gradient_accumulation_steps
-    # Micro-batch `position` takes, for this rank, a slice of the global sample stream.
-    per_position = world * cfg.train_batch_size
-    first_sample = lambda position: samples_at_start + (position - start_position) * per_position
+    at_step_end = samples
+    bs = cfg.train_batch_size
 
     def checkpoint(at: int) -> Path | None:
         accelerator.wait_for_everyone()
         path = None
         if accelerator.is_main_process:
             path = save_checkpoint(output_dir, at, write, optimizer, lr_scheduler,
-                                   {"samples_seen": first_sample(at * cfg.gradient_accumulation_steps),
-                                    "seed": cfg.seed, "num_processes": world}, cfg.checkpoints_total_limit)
+                                   {"samples_seen": at_step_end, "seed": cfg.seed, "num_processes": world,
+                                    "max_train_steps": cfg.max_train_steps, "ramp_up_steps": trainee.ramp_up_steps},
+                                   cfg.checkpoints_total_limit, accelerator.scaler)
         accelerator.wait_for_everyone()
         return path or output_dir / f"checkpoint-{at}"
 
-    bs, u_now = cfg.train_batch_size, ramp_value(trainee)
-    models = list(trainee.trained.values())
-    for m in models:
+    u_now = ramp_value(trainee)
+    for m in trainee.trained.values():
         m.train()
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_local_main_process,
                desc="training", unit="step")
     validation_images: list[Path] = []
-    started = time.perf_counter()
+    started, skipped_in_a_row = time.perf_counter(), 0
     try:
         while step < cfg.max_train_steps:
-            logs = {}
-            for micro in range(cfg.gradient_accumulation_steps):
-                position = step * cfg.gradient_accumulation_steps + micro
-                seed_position(cfg.seed, position, rank)
+            micro_logs = []
+            for _ in range(cfg.gradient_accumulation_steps):
                 with accelerator.accumulate(unet):
-                    first = first_sample(position) + rank * bs
-                    loss, logs = micro_batch_loss(cfg, trainee, accelerator, noise_scheduler, prompts, instance, prior,
-                                                  first)
+                    # This rank's slice of the global sample stream (see batches.sample_indices).
+                    loss, logs = micro_batch_loss(cfg, trainee, accelerator, noise_scheduler, prompts, instance,
+                                                  prior, samples + rank * bs)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"loss became {loss.item()} at step {step + 1}; training stopped. The last good "
@@ -168,10 +190,26 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
                             average_gradients(params, accelerator)
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients and not optimizer.step_was_skipped:
                         lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                samples += world * bs
+                micro_logs.append(logs)
+            at_step_end = samples  # what checkpoints record: a Ctrl-C mid-step redoes that step
+            if optimizer.step_was_skipped:
+                # fp16: GradScaler found inf/NaN gradients and skipped the update. Nothing
+                # advanced (weights, u(t), LR schedule, step count); the data moved on.
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise TrainingDiverged(
+                        f"{skipped_in_a_row} optimizer steps in a row had inf/NaN gradients (fp16 overflow) at "
+                        f"step {step + 1}; training stopped. The last good checkpoint is "
+                        f"{last_ckpt or 'none'}. Use --mixed_precision bf16/no or a lower --learning_rate.")
+                continue
+            skipped_in_a_row = 0
             step += 1
+            # the mean over the micro-batches of this step, not the last one's
+            logs = {k: sum(m[k] for m in micro_logs) / len(micro_logs) for k in micro_logs[0]}
             logs.update(lr=lr_scheduler.get_last_lr()[0], u=u_now())
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})

@@ -5,13 +5,13 @@ import torch
 from torch.nn import functional as F
 
 
-def add_noise(noise_scheduler, latents: torch.Tensor, noise_offset: float):
-    noise = torch.randn(latents.shape).to(latents)
+def draw_noise(shape: tuple[int, ...], noise_offset: float, num_train_timesteps: int):
+    """Noise (c, h, w) and a timestep for one sample, from the global RNG (seeded per sample)."""
+    noise = torch.randn(shape)
     if noise_offset:
         # Offset noise (Guttenberg 2023): a per-channel constant lets the model learn overall brightness.
-        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1).to(latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).to(latents.device)
-    return noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+        noise = noise + noise_offset * torch.randn(shape[0], 1, 1)
+    return noise, torch.randint(0, num_train_timesteps, ())
 
 
 def target_of(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -23,25 +23,36 @@ def target_of(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
-def per_sample_loss(pred, target, noise_scheduler, timesteps, snr_gamma: float | None) -> torch.Tensor:
-    """MSE per sample in float32, min-SNR-γ weighted (Hang et al. 2023, Eq. 9) when snr_gamma is set."""
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is None:
-        return loss
+def per_sample_mse(pred, target) -> torch.Tensor:
+    """MSE per sample, in float32 whatever the model's dtype."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
+
+
+def snr_weights(noise_scheduler, timesteps, snr_gamma: float) -> torch.Tensor:
+    """min-SNR-γ loss weights (Hang et al. 2023, Sec. 3.4 / 4.2) per sample.
+
+    epsilon: min(SNR, γ)/SNR; v-prediction: min(SNR, γ)/(SNR + 1), the paper's
+    and diffusers' train_text_to_image.py form (diffusers' DreamBooth scripts
+    write min(SNR, γ)/SNR + 1 for v-prediction instead).
+    """
     from diffusers.training_utils import compute_snr
 
-    snr = compute_snr(noise_scheduler, timesteps)
+    snr = compute_snr(noise_scheduler, timesteps).float()
     weight = torch.clamp(snr, max=snr_gamma)
-    # epsilon: min(SNR, γ)/SNR; v-prediction: min(SNR, γ)/(SNR+1)
-    weight = weight / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
-    return loss * weight
+    return weight / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
 
 
-def dreambooth_loss(per_sample: torch.Tensor, n_instance: int, prior_loss_weight: float) -> tuple[torch.Tensor, dict]:
-    """Instance loss + prior_loss_weight × prior loss (batch = instance samples, then class samples)."""
-    instance = per_sample[:n_instance].mean()
-    if per_sample.shape[0] == n_instance:
+def dreambooth_loss(mse: torch.Tensor, n_instance: int, prior_loss_weight: float,
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Instance loss + prior_loss_weight × prior loss (batch = instance samples, then class samples).
+
+    min-SNR `weights` apply to the instance half only; the prior loss is the plain
+    MSE, as in diffusers' DreamBooth scripts.
+    """
+    instance = mse[:n_instance] if weights is None else mse[:n_instance] * weights[:n_instance]
+    instance = instance.mean()
+    if mse.shape[0] == n_instance:
         return instance, {"loss": instance.item()}
-    prior = per_sample[n_instance:].mean()
+    prior = mse[n_instance:].mean()
     total = instance + prior_loss_weight * prior
     return total, {"loss": total.item(), "loss_instance": instance.item(), "loss_prior": prior.item()}

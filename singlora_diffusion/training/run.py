@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .build import Inputs, Trainee, build, validate
+from .checkpoint import reconcile_resume, resolve_resume
 from .config import TrainConfig
 from .loop import fit
 from .weights import write_final
@@ -72,11 +73,18 @@ def make_accelerator(cfg: TrainConfig):
     # in the same process (web UI, tests) may use another precision/accumulation.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
         cpu=not torch.cuda.is_available())
+    if cfg.mixed_precision == "fp16" and accelerator.scaler is None:
+        # accelerate scales fp16 losses on GPUs only. Gradients through an fp16 base
+        # underflow on any device, so the CPU gets the same GradScaler (set before
+        # prepare_optimizer, which hands it to the optimizer): one code path everywhere.
+        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
+        accelerator.native_amp = True
+    return accelerator
 
 
 def train(cfg: TrainConfig) -> dict[str, Path]:
@@ -88,6 +96,13 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
         cfg.seed = random.SystemRandom().randrange(2 ** 31)  # drawn once, saved in config.yaml
     accelerator = make_accelerator(cfg)
     output_dir = Path(cfg.output_dir)
+    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        note = reconcile_resume(cfg, resume)
+        if note and accelerator.is_main_process:
+            print(note)
+    # config.yaml holds the ramp length actually used, so the run can be repeated from it
+    cfg.ramp_up_steps = cfg.resolved_ramp_up_steps(cfg.max_train_steps)
     if accelerator.is_main_process:
         (output_dir / "config.yaml").write_text(cfg.to_yaml())
     trainee = build(cfg, inputs, accelerator.device)
@@ -97,7 +112,7 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
         print(summary(cfg, trainee, inputs, accelerator))
     accelerator.init_trackers("singlora-dreambooth", config={k: v for k, v in vars(cfg).items()
                                                              if isinstance(v, (int, float, str, bool))})
-    result = fit(cfg, trainee, inputs, accelerator)
+    result = fit(cfg, trainee, inputs, accelerator, resume=resume)
     files: dict[str, Path] = {}
     if not result.interrupted and accelerator.is_main_process:
         files = write_final(trainee, output_dir, cfg.pretrained_model_name_or_path, cfg)
