@@ -15,32 +15,48 @@ def meta_unet(arch):
         return UNet2DConditionModel(**UNET_CONFIGS[arch])
 
 
-def test_sd15_paper_preset_counts():
-    unet = meta_unet("sd15")
-    names = inject_singlora(unet, "paper", rank=8)
-    modules = singlora_modules(unet)
-    assert len(names) == len(modules) == 64
-    non_square = [n for n, m in modules.items() if m.d_in != m.d_out]
-    assert len(non_square) == 16 and all(n.endswith("attn2.to_k") for n in non_square)
-    assert sum(p.numel() for p in singlora_parameters(unet)) == 422_400
+def expected_layers(config: dict, preset: str) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every targeted layer, from the UNet config alone (not from a model).
+
+    Each transformer block has self-attention attn1 (C -> C) and cross-attention attn2 (q, out:
+    C -> C; k, v: context width -> C); a block of width C repeats it transformer_layers_per_block
+    times per layer: layers_per_block per down block, layers_per_block + 1 per up block, once in mid.
+    """
+    channels, context = config["block_out_channels"], config["cross_attention_dim"]
+    depth = config.get("transformer_layers_per_block", 1)
+    depth = [depth] * len(channels) if isinstance(depth, int) else list(depth)
+    lpb = config["layers_per_block"]
+    blocks = []  # the width C of every transformer block
+    for i, kind in enumerate(config["down_block_types"]):
+        blocks += [channels[i]] * (lpb * depth[i] if kind.startswith("CrossAttn") else 0)
+    blocks += [channels[-1]] * depth[-1]  # UNetMidBlock2DCrossAttn
+    for j, kind in enumerate(config["up_block_types"]):
+        i = len(channels) - 1 - j  # up blocks run the widths (and depths) in reverse
+        blocks += [channels[i]] * ((lpb + 1) * depth[i] if kind.startswith("CrossAttn") else 0)
+    per_block = {"paper": lambda C: [(C, C), (C, C), (C, C), (context, C)],  # attn1 q, k; attn2 q, k
+                 "attn": lambda C: [(C, C)] * 4 + [(C, C), (context, C), (context, C), (C, C)]}[preset]
+    return [shape for C in blocks for shape in per_block(C)]
 
 
-def test_sd15_paper_preset_lora_baseline_count():
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("preset", ["paper", "attn"])
+@pytest.mark.parametrize("rank", [4, 8])
+def test_injection_counts_follow_from_the_layer_shapes(arch, preset, rank):
     from singlora_diffusion.baselines import inject_peft, peft_parameters
 
-    unet = meta_unet("sd15")
-    names = inject_peft(unet, "paper", rank=8)
-    assert len(names) == 64
-    assert sum(p.numel() for p in peft_parameters(unet)) == 797_184
-    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == 797_184
-
-
-def test_sd15_attn_preset_counts_128():
-    assert len(inject_singlora(meta_unet("sd15"), "attn", rank=8)) == 128
-
-
-def test_sdxl_attn_preset_counts_560():
-    assert len(inject_singlora(meta_unet("sdxl"), "attn", rank=8)) == 560
+    layers = expected_layers(UNET_CONFIGS[arch], preset)
+    unet = meta_unet(arch)
+    names = inject_singlora(unet, preset, rank=rank)
+    modules = singlora_modules(unet)
+    assert len(names) == len(modules) == len(layers)
+    assert sorted((m.d_in, m.d_out) for m in modules.values()) == sorted(layers)
+    # SingLoRA: one (max(d_in, d_out), r) matrix per layer; LoRA: (r, d_in) + (d_out, r)
+    assert sum(p.numel() for p in singlora_parameters(unet)) == sum(max(i, o) * rank for i, o in layers)
+    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == sum(max(i, o) * rank for i, o in layers)
+    lora = meta_unet(arch)
+    assert len(inject_peft(lora, preset, rank=rank)) == len(layers)
+    assert sum(p.numel() for p in peft_parameters(lora)) == sum((i + o) * rank for i, o in layers)
+    assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == sum((i + o) * rank for i, o in layers)
 
 
 def test_patterns_suffixes_and_regexes():

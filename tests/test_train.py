@@ -239,3 +239,37 @@ def test_yaml_and_flags(tmp_path):
     config.write_text("rnak: 4\n")
     with pytest.raises(ValueError, match="unknown setting.*rnak"):
         parse_config(["--config", str(config)])
+
+
+@pytest.mark.parametrize("adapter,arch", [("singlora", "sd15"), ("lora", "sd15"), ("dora", "sd15"),
+                                          ("singlora", "sdxl"), ("lora", "sdxl"), ("dora", "sdxl")])
+def test_exported_file_in_diffusers_renders_what_the_trained_model_renders(adapter, arch, tiny_pipeline_dir,
+                                                                           tmp_path):
+    """pytorch_lora_weights.safetensors through diffusers' own loader = the model as trained (UNet and text encoders)."""
+    from singlora_diffusion.training.build import build, validate
+    from singlora_diffusion.training.run import make_accelerator
+    from singlora_diffusion.training.weights import write_final
+
+    from .helpers import latents
+
+    base = tiny_pipeline_dir(arch)
+    cfg = tiny_config(base, tmp_path, adapter=adapter, rank=4, alpha=12, max_train_steps=3, learning_rate=2e-2,
+                      ramp_up_steps=5, train_text_encoder=True)
+    inputs = validate(cfg)
+    accelerator = make_accelerator(cfg)
+    trainee = build(cfg, inputs, accelerator.device)
+    loop.fit(cfg, trainee, inputs, accelerator, log=lambda *_: None)
+    write_final(trainee, tmp_path, str(base), cfg)
+    for model in trainee.trained.values():
+        model.eval()
+    expected = latents(trainee.pipe)
+    assert (expected - latents(load_pipeline(base))).abs().max() > 1e-2  # the training changed the model
+    pipe = load_pipeline(base)
+    pipe.load_lora_weights(str(tmp_path))
+    torch.testing.assert_close(latents(pipe), expected, rtol=0, atol=1e-4)
+    if adapter == "singlora":  # and the kohya layout A1111 / ComfyUI read, through diffusers' kohya converter
+        from singlora_diffusion.export import export_kohya
+
+        pipe = load_pipeline(base)
+        pipe.load_lora_weights(str(export_kohya(tmp_path / "singlora_weights.safetensors", tmp_path / "k.safetensors")))
+        torch.testing.assert_close(latents(pipe), expected, rtol=0, atol=1e-4)

@@ -1,9 +1,12 @@
 """Two processes on CPU (gloo) through accelerate launch; resume with one process."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from safetensors.torch import load_file
 
 from singlora_diffusion.format import read_adapter
 from singlora_diffusion.training.run import train
@@ -11,6 +14,13 @@ from singlora_diffusion.training.run import train
 from .train_helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A port no other test (or test run) is using right now: tests may run in parallel."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_processes_then_resume_with_one(tiny_pipeline_dir, tmp_path):
@@ -22,7 +32,8 @@ def test_two_processes_then_resume_with_one(tiny_pipeline_dir, tmp_path):
            "a photo of sks dog", "--output_dir", str(out), "--resolution", "64", "--center_crop", "--rank", "2",
            "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "0", "--report_to", "none",
            "--num_validation_images", "1", "--validation_inference_steps", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd[cmd.index("--num_machines"):cmd.index("--num_machines")] = ["--main_process_port", str(free_port())]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 process(es)" in run.stdout  # the summary, printed once by the main process
@@ -30,6 +41,15 @@ def test_two_processes_then_resume_with_one(tiny_pipeline_dir, tmp_path):
     assert read_adapter(out / "singlora_weights.safetensors").step == 4
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert (state["samples_seen"], state["num_processes"]) == (8, 2)  # 4 steps x batch 1 x 2 shards
+    # 2 processes x batch 1 = 1 process x batch 2: the same samples with the same draws, and the
+    # gradients averaged across processes (without the all-reduce each rank keeps its own half)
+    single = tmp_path / "single"
+    train(tiny_config(tiny_pipeline_dir(), single, max_train_steps=4, checkpointing_steps=2, train_batch_size=2,
+                      learning_rate=1e-4))  # the command line above leaves --learning_rate at its default
+    a, b = (load_file(str(p / "singlora_weights.safetensors")) for p in (out, single))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max((a[k] - load_file(str(out / "checkpoint-2" / "singlora_weights.safetensors"))[k]).abs().max().item()
+               for k in a) > 1e-4  # and they did train
     # the checkpoint of a 2-process run resumes in a single process
     train(tiny_config(tiny_pipeline_dir(), out, max_train_steps=6, checkpointing_steps=2,
                       resume_from_checkpoint="latest"))

@@ -68,11 +68,18 @@ def write_final(trainee: Trainee, output_dir: Path, base_model: str, cfg) -> dic
 
     layers, metadata = {}, {}
     for component, model in trainee.trained.items():
-        layers[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
+        state = get_peft_model_state_dict(model)
+        if component != "unet":
+            # DoRA magnitudes as `….lora_magnitude_vector.weight`: transformers 5 loads text-encoder
+            # LoRA files itself and maps only that form to its module (PEFT's loader, used for the
+            # UNet and by older transformers, maps both); without it the text encoders' magnitudes
+            # are silently left at their initial values.
+            state = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in state.items()}
+        layers[f"{component}_lora_layers"] = state
         # lora_alpha travels with the file: without it diffusers would assume alpha = r.
         metadata[f"{component}_lora_adapter_metadata"] = {
             "r": cfg.rank, "lora_alpha": cfg.alpha, "use_dora": cfg.adapter == "dora",
-            "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in layers[f"{component}_lora_layers"]})}
+            "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in state})}
     writer = StableDiffusionXLPipeline if "text_encoder_2" in trainee.components else StableDiffusionPipeline
     writer.save_lora_weights(str(output_dir), **layers, **metadata)
     return {"diffusers": output_dir / DIFFUSERS_LORA_NAME}
