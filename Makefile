@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) train_dreambooth.py --config configs/demo.yaml
+	$(PY) train_dreambooth.py --config demo
 
 # The web UI's browser test drives Debian's chromium through playwright (playwright's own
 # browser download is not used). Installed here when missing and we may (root + apt-get);

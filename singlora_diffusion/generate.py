@@ -29,6 +29,20 @@ def find_adapter_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def adapter_kind(path: str | os.PathLike) -> str | None:
+    """"singlora", "lora" (diffusers / kohya / PEFT keys) or None, from the file's header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("format") == FORMAT:
+                return "singlora"
+            keys = f.keys()
+    except Exception:  # not a safetensors file at all
+        return None
+    return "lora" if any("lora" in k.lower() for k in keys) else None
+
+
 def apply_adapter(pipe, path: str | os.PathLike, scale: float = 1.0) -> str:
     """Load an adapter into `pipe` at strength `scale`; returns "singlora" or "lora"."""
     path = find_adapter_file(path)

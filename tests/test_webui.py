@@ -132,16 +132,52 @@ def test_empty_prompt(ui):
         call(client, prompt="   ")
 
 
-def test_three_concurrent_requests_all_succeed_in_order(ui):
-    client, _, _, _ = ui
+def test_concurrent_requests_run_one_at_a_time(ui, monkeypatch):
+    """A probe records when each render starts and ends: the intervals must not overlap."""
+    client, app, _, _ = ui
     client.predict("", api_name="/choose_adapter")
+    intervals, real = [], app.engine._render
+
+    def probe(req, tag):
+        start = time.monotonic()
+        try:
+            return real(req, tag)
+        finally:
+            intervals.append((start, time.monotonic()))
+    monkeypatch.setattr(app.engine, "_render", probe)
     jobs = [client.submit("a photo of sks dog", "", 3, 7.5, seed, 1, 64, 64, 1.0, api_name="/generate")
             for seed in (11, 12, 13)]
     results = [job.result(timeout=300) for job in jobs]
-    seeds = [json.loads(Image.open(r[0]["image"]).text["parameters"])["seed"] for r in results]
+    assert len(intervals) == 3 and all(len(r) == 1 for r in results)
+    intervals.sort()
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(intervals, intervals[1:])), intervals
+    seeds = sorted(json.loads(Image.open(r[0]["image"]).text["parameters"])["seed"] for r in results)
     assert seeds == [11, 12, 13]
-    made = [Path(r[0]["image"]).name for r in results]
-    assert all(len(r) == 1 for r in results) and len(set(made)) == 3
+
+
+def test_adapter_list_holds_adapter_files_only(ui):
+    from singlora_diffusion.webui.app import list_adapters
+
+    _, _, adapters, _ = ui
+    cache = adapters / "evaluations" / "run1" / "embeddings"
+    cache.mkdir(parents=True)
+    save_file({"dino": torch.zeros(2, 4)}, str(cache / "real.safetensors"))  # an evaluation embedding cache
+    (adapters / "broken.safetensors").write_bytes(b"not a safetensors file")
+    listed = list_adapters(adapters)
+    assert "dog.safetensors" in listed
+    assert not any(name.startswith("evaluations/") or name == "broken.safetensors" for name in listed)
+
+
+def test_train_tab_class_sets_prompt_and_folder_for_every_preset(tmp_path):
+    from singlora_diffusion.webui.app import class_args
+    from singlora_diffusion.webui.requests import BadRequest
+
+    for preset in ("demo", "sd15", "sdxl", "paper"):
+        args = class_args(preset, "cat", tmp_path)
+        assert args == ["--class_prompt", "a photo of cat", "--class_data_dir", str(tmp_path / "class_images" / "cat")]
+    with pytest.raises(BadRequest, match="sd15 preset uses prior preservation"):
+        class_args("sd15", "", tmp_path)
+    assert class_args("demo", "", tmp_path) == []  # the demo trains without class images
 
 
 def test_train_tab_trains_cancels_and_lists_the_adapter(ui):

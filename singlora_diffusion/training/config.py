@@ -1,7 +1,8 @@
 """TrainConfig: the one source of the trainer's settings.
 
-Every field is a `--flag` of train_dreambooth.py and a key of the YAML files in
-configs/; precedence is defaults < YAML (--config) < flags. Flag names follow
+Every field is a `--flag` of train_dreambooth.py and a key of the YAML presets in
+singlora_diffusion/configs/ (`--config demo` names one; `--config FILE` reads any);
+precedence is defaults < YAML (--config) < flags. Flag names follow
 diffusers' train_dreambooth_lora.py where the concept exists. The resolved
 config (seed and ramp length filled in) is saved as config.yaml beside the
 outputs, so a run can be repeated from it.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from ..bundled import preset_names, preset_path, resolve_data_dir
 from ..config import AdapterConfig
 from ..dataclass_cli import dataclass_parser
 
@@ -31,7 +33,8 @@ class TrainConfig(AdapterConfig):
     # -- model and data
     pretrained_model_name_or_path: str | None = _f(None, "base: hub id, local diffusers folder, or tiny:sd15 / "
                                                          "tiny:sdxl (a random-weight test model built offline)")
-    instance_data_dir: str | None = _f(None, "folder of subject photos (3-10 is typical)")
+    instance_data_dir: str | None = _f(None, "folder of subject photos (3-10 is typical); bundled:dog3 is the "
+                                             "DreamBench subject shipped in the package")
     instance_prompt: str | None = _f(None, "prompt naming the subject, e.g. 'a photo of sks dog'")
     class_data_dir: str | None = _f(None, "folder of class images for prior preservation (generated if too few)")
     class_prompt: str | None = _f(None, "prompt of the class, e.g. 'a photo of dog'")
@@ -101,6 +104,7 @@ class TrainConfig(AdapterConfig):
         for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required (on the command line or in the --config YAML)")
+        self.instance_data_dir = resolve_data_dir(self.instance_data_dir)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False, allow_unicode=True)
@@ -111,14 +115,19 @@ class TrainConfig(AdapterConfig):
 def build_parser() -> argparse.ArgumentParser:
     p = dataclass_parser(TrainConfig, "train_dreambooth.py", "DreamBooth fine-tuning with SingLoRA (or PEFT "
                          "LoRA/DoRA) adapters. Flags override the --config YAML.")
-    p.add_argument("--config", help="YAML file of settings (keys = flag names)")
+    p.add_argument("--config", help="YAML file of settings (keys = flag names), or the name of a shipped preset: "
+                                    + ", ".join(preset_names()))
     return p
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A YAML file's settings; a shipped preset's when `path` is one of their names."""
     path = Path(path)
+    if not path.is_file() and str(path) in preset_names():
+        path = preset_path(str(path))
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} does not exist; pass a YAML file or a preset name "
+                                f"({', '.join(preset_names())})")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")

@@ -17,10 +17,35 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def list_adapters(adapters_dir: Path) -> list[str]:
-    """Adapter files under adapters_dir, as paths relative to it (training outputs included)."""
+    """Adapter files under adapters_dir, as paths relative to it (training outputs included).
+
+    Only files whose header says adapter (a SingLoRA file or LoRA keys): evaluation
+    caches and other tensors are .safetensors too. Checkpoints are left out.
+    """
+    from ..generate import adapter_kind
+
     found = sorted(p for p in adapters_dir.rglob("*.safetensors")
-                   if "checkpoint-" not in str(p.relative_to(adapters_dir)))
+                   if "checkpoint-" not in str(p.relative_to(adapters_dir)) and adapter_kind(p) is not None)
     return [str(p.relative_to(adapters_dir)) for p in found]
+
+
+def class_args(preset: str, class_name: str | None, adapters_dir: Path) -> list[str]:
+    """The Train tab's class for every preset: its prompt and its own class-image folder.
+
+    Presets with prior preservation name a class folder of their own (dog images for
+    sd15): a cat subject must not train against them, so the folder follows the class.
+    Class images are generated once per class and reused by later runs.
+    """
+    from ..training.config import load_yaml
+    from .jobs import PRESETS
+
+    name = (class_name or "").strip()
+    if not name:
+        if load_yaml(PRESETS[preset]).get("with_prior_preservation"):
+            raise BadRequest(f"The {preset} preset uses prior preservation: give the subject's class, e.g. 'dog'.")
+        return []
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "class"
+    return ["--class_prompt", f"a photo of {name}", "--class_data_dir", str(adapters_dir / "class_images" / slug)]
 
 
 def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", work_dir: str | Path | None = None):
@@ -109,9 +134,8 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
         else:
             raise BadRequest("Upload 3-10 photos or give a folder.")
         args = ["--config", PRESETS[preset], "--instance_data_dir", str(data), "--instance_prompt",
-                instance_prompt.strip(), "--max_train_steps", str(int(steps))]
-        if class_name:
-            args += ["--class_prompt", f"a photo of {class_name.strip()}"]
+                instance_prompt.strip(), "--max_train_steps", str(int(steps)),
+                *class_args(preset, class_name, adapters_dir)]
         state["job"] = TrainingJob(run, args)
         return f"Training in {run} ..."
 

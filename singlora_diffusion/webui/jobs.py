@@ -11,9 +11,8 @@ from pathlib import Path
 
 from ..training.loop import PROGRESS_FILE
 
-ROOT = Path(__file__).resolve().parents[2]
-PRESETS = {"demo": "configs/demo.yaml", "sd15": "configs/sd15.yaml", "sdxl": "configs/sdxl.yaml",
-           "paper": "configs/paper_sd15.yaml"}
+# Train-tab choice -> shipped preset (singlora_diffusion/configs/, package data)
+PRESETS = {"demo": "demo", "sd15": "sd15", "sdxl": "sdxl", "paper": "paper_sd15"}
 
 
 @dataclass
@@ -31,9 +30,10 @@ class TrainingJob:
         self.output_dir = Path(output_dir)
         self.log = self.output_dir / "webui-train.log"
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), *args, "--output_dir", str(self.output_dir)]
+        # The installed package's trainer, not a checkout's script: the UI runs from a wheel too.
+        cmd = [sys.executable, "-m", "singlora_diffusion.training", *args, "--output_dir", str(self.output_dir)]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.output_dir,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.cancelled = False
 
