@@ -118,3 +118,45 @@ def save_tiny_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -
     out = Path(out_dir)
     build_tiny_pipeline(arch, seed).save_pretrained(out)
     return out
+
+
+def build_random_pipeline(arch: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float16):
+    """SD1.5 or SDXL at full size with random weights: the real component configs
+    (reference_configs), the real CLIP tokenizer, built offline.
+
+    For what tiny models hide (memory, dtype paths, the VAE upcast, attention shapes);
+    the images are noise. Built in `dtype` (an SDXL in float32 would take 14 GB to build).
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .reference_configs import CLIP_BIGG, CLIP_L, SCHEDULER_CONFIGS, UNET_CONFIGS, VAE_CONFIGS
+
+    if arch not in UNET_CONFIGS:
+        raise ValueError(f"unknown random pipeline arch {arch!r}: choose sd15 or sdxl")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # weights are created (and randomly initialised) in dtype directly
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
+        vae = AutoencoderKL(**VAE_CONFIGS[arch])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)) if arch == "sdxl" else None
+    finally:
+        torch.set_default_dtype(previous)
+    name, config = SCHEDULER_CONFIGS[arch]
+    scheduler = getattr(diffusers, name)(**config)
+    if arch == "sd15":
+        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet,
+                                     scheduler=scheduler)
+
+
+def save_random_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
+    out = Path(out_dir)
+    build_random_pipeline(arch, seed).save_pretrained(out)
+    return out

@@ -60,3 +60,15 @@ def test_sdxl_vae_latents_mean_and_std_are_used_as_diffusers_does(tiny_pipeline_
     torch.testing.assert_close(from_unet_latents(pipe.vae.config, got[None])[0], z, rtol=1e-5, atol=1e-5)
     pipe.vae.register_to_config(latents_mean=None, latents_std=None)  # SD's VAEs: z·sf only
     torch.testing.assert_close(source.scale(z[None])[0], z * pipe.vae.config.scaling_factor)
+
+
+def test_fp16_base_is_loaded_in_fp16_and_the_upcast_vae_keeps_its_float32_weights(tiny_pipeline_dir, tmp_path):
+    from singlora_diffusion.training.build import build, validate
+
+    cfg = tiny_config(tiny_pipeline_dir(), tmp_path, mixed_precision="fp16")
+    trainee = build(cfg, validate(cfg), torch.device("cpu"))
+    assert trainee.pipe.unet.dtype == trainee.pipe.text_encoder.dtype == torch.float16
+    reference = load_pipeline(tiny_pipeline_dir()).vae.state_dict()
+    vae = trainee.pipe.vae.state_dict()
+    assert all(vae[k].dtype == torch.float32 and torch.equal(vae[k], reference[k]) for k in reference)  # never rounded
+    assert {p.dtype for p in trainee.parameters()} == {torch.float32}

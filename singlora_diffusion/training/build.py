@@ -16,23 +16,32 @@ from ..pipelines import check_base_exists, inject_adapters, load_pipeline, pipel
 from ..targets import COMPONENT_KIND, find_targets, resolve_patterns
 from .config import TrainConfig
 
-TINY_PREFIX = "tiny:"
+TINY_PREFIX, RANDOM_PREFIX = "tiny:", "random:"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_base(name: str) -> str:
-    """`tiny:sd15` / `tiny:sdxl` -> a random-weight test pipeline built once under the cache folder."""
-    if not name.startswith(TINY_PREFIX):
-        return name
-    from ..tiny import save_tiny_pipeline
+    """Offline test pipelines built once under the cache folder; any other name as given.
 
-    arch = name[len(TINY_PREFIX):]
+    tiny:sd15 / tiny:sdxl: ~10M parameters at 64 px; random:sd15 / random:sdxl: the real
+    component configs at full size (2 GB / 7 GB in fp16), random weights.
+    """
+    from ..tiny import save_random_pipeline, save_tiny_pipeline
+
+    builders = {TINY_PREFIX: ("tiny", save_tiny_pipeline), RANDOM_PREFIX: ("random", save_random_pipeline)}
+    prefix = next((p for p in builders if name.startswith(p)), None)
+    if prefix is None:
+        return name
+    kind, save = builders[prefix]
+    arch = name[len(prefix):]
+    if arch not in ("sd15", "sdxl"):
+        raise ValueError(f"unknown test pipeline {name!r}: choose {prefix}sd15 or {prefix}sdxl")
     cache = Path(os.environ.get("SINGLORA_CACHE", Path.home() / ".cache" / "singlora_diffusion"))
-    folder = cache / f"tiny-{arch}"
+    folder = cache / f"{kind}-{arch}"
     if not (folder / "model_index.json").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache))  # built aside, then renamed: never seen half-written
-        save_tiny_pipeline(tmp, arch)
+        save(tmp, arch)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first
@@ -116,7 +125,10 @@ class Trainee:
 def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
     """Load the base, freeze it in the training dtype, add adapters (kept in float32)."""
     weight_dtype = DTYPES[cfg.mixed_precision]
-    pipe = load_pipeline(inputs.base)
+    # The frozen base is loaded straight in the training dtype: an SDXL loaded in float32
+    # first would need 14 GB of RAM before it is cast (and a VAE cast fp32 -> fp16 -> fp32
+    # would round its weights).
+    pipe = load_pipeline(inputs.base, dtype=weight_dtype, vae_fp32_if_upcast=True)
     components = pipeline_components(pipe)
     plan = {"unet": cfg.target_modules}
     if cfg.train_text_encoder:
@@ -128,15 +140,11 @@ def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
     for model in [pipe.vae, *components.values()]:
         model.requires_grad_(False)
     inject_adapters(components, adapter_cfg, ramp_up_steps)
-    # The frozen base goes to the training dtype; SingLoRA's A refuses the cast
-    # (layer._apply) and PEFT's LoRA weights are put back to float32 below.
-    pipe.to(device, dtype=weight_dtype)
-    if weight_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its config says so)
+    pipe.to(device)  # device only: the dtypes are as loaded (SingLoRA's A is float32 by construction)
     trained = {c: components[c] for c in plan}
     trainee = Trainee(pipe, components, trained, weight_dtype, ramp_up_steps, cfg.adapter)
     for p in trainee.parameters():
-        p.data = p.data.float()
+        p.data = p.data.float()  # PEFT creates its LoRA weights in the base layer's dtype
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:

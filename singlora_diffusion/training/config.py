@@ -31,8 +31,9 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig(AdapterConfig):
     # -- model and data
-    pretrained_model_name_or_path: str | None = _f(None, "base: hub id, local diffusers folder, or tiny:sd15 / "
-                                                         "tiny:sdxl (a random-weight test model built offline)")
+    pretrained_model_name_or_path: str | None = _f(None, "base: hub id, local diffusers folder, or an offline "
+                                                         "random-weight test model: tiny:sd15 / tiny:sdxl (small), "
+                                                         "random:sd15 / random:sdxl (full size)")
     instance_data_dir: str | None = _f(None, "folder of subject photos (3-10 is typical); bundled:dog3 is the "
                                              "DreamBench subject shipped in the package")
     instance_prompt: str | None = _f(None, "prompt naming the subject, e.g. 'a photo of sks dog'")
