@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: venv demo test browser webui bench science clean
+.PHONY: venv demo test test-realsize browser webui bench bench-memory gpu-check-dry-run science clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ browser:
 test: venv browser
 	$(PY) -m pytest -q
 
+# The real-size tier: full-size SD1.5 (also part of `make test`) and SDXL (~17 GB of RAM, ~15 min
+# on 2 cores) with random weights; prints each run's time and peak RSS at the end.
+test-realsize: venv
+	$(PY) -m pytest -q -m realsize tests/test_realsize.py
+
 webui: venv
 	$(PY) webui/app.py
 
@@ -38,6 +43,15 @@ bench: venv
 	$(PY) -m bench.adapter_overhead
 	$(PY) -m bench.trainer_throughput
 	$(PY) -m bench.eval_throughput
+
+# Peak memory at real size (SD1.5 512 px, SDXL 1024 px; ~35 min). DIFFUSERS_SCRIPTS: a folder with
+# copies of diffusers' train_dreambooth_lora.py and train_dreambooth_lora_sdxl.py, to run beside ours.
+bench-memory: venv
+	$(PY) -m bench.memory $(if $(DIFFUSERS_SCRIPTS),--diffusers_scripts $(DIFFUSERS_SCRIPTS))
+
+# bench/gpu_check.sh is the check for a lent GPU; its dry run checks the same code path here.
+gpu-check-dry-run: venv
+	PYTHON=$(PY) bench/gpu_check.sh --dry-run
 
 # The paper-claim reproductions of docs/science.md (about 1 h 30 min on a CPU).
 science: venv

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -100,36 +99,12 @@ def flags(trainer: str, base: str, resolution: int, n_steps: int, out: str) -> l
 def child(spec: dict) -> None:
     """One configuration in this fresh process; writes step time stamps and peak RSS to spec['result']."""
     import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from bench.runs import train_here
 
     torch.set_num_threads(spec["threads"])
-    stamps: list[float] = []
-    # Fires after every real step of any optimizer (there is one per run), inside
-    # accelerate's wrapper too: one clock for both trainers, no change to either.
-    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
-    if spec["trainer"] == "ours":
-        from singlora_diffusion.training.build import build, validate
-        from singlora_diffusion.training.config import parse_config
-        from singlora_diffusion.training.loop import fit
-        from singlora_diffusion.training.run import make_accelerator
-
-        cfg = parse_config(spec["argv"])  # train(cfg) less class images, trackers and the final export
-        inputs = validate(cfg)
-        accelerator = make_accelerator(cfg)
-        fit(cfg, build(cfg, inputs, accelerator.device), inputs, accelerator, log=lambda *_: None)
-    else:
-        import runpy
-
-        import accelerate.accelerator
-
-        # The one environment shim: the script hands --report_to to Accelerator(log_with=),
-        # which refuses "none". No tracker then, as in our runs; the script runs unmodified.
-        real = accelerate.accelerator.filter_trackers
-        accelerate.accelerator.filter_trackers = lambda log_with, *a: [] if log_with == "none" else real(log_with, *a)
-        sys.argv = [spec["script"], *spec["argv"]]
-        runpy.run_path(spec["script"], run_name="__main__")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    Path(spec["result"]).write_text(json.dumps(dict(stamps=stamps, peak=peak)))
+    r = train_here(spec["trainer"], spec["argv"], spec["script"])
+    Path(spec["result"]).write_text(json.dumps(dict(stamps=r["stamps"], peak=r["peak_rss"] * 2 ** 30)))
 
 
 def run_one(name: str, s: dict, base: str, script: str | None) -> dict:

@@ -7,9 +7,10 @@ import sys
 
 
 def _tiny(args):
-    from .tiny import save_tiny_pipeline
+    from .tiny import save_random_pipeline, save_tiny_pipeline
 
-    print(f"tiny {args.arch} pipeline (random weights) written to {save_tiny_pipeline(args.out_dir, args.arch, args.seed)}")
+    save, kind = (save_random_pipeline, "full-size") if args.full_size else (save_tiny_pipeline, "tiny")
+    print(f"{kind} {args.arch} pipeline (random weights) written to {save(args.out_dir, args.arch, args.seed)}")
 
 
 def _inspect(args):
@@ -40,7 +41,10 @@ def _export(args):
 def _merge(args):
     from .export import merge_into_pipeline
 
-    print(f"merged pipeline written to {merge_into_pipeline(args.base, args.adapter, args.out, args.scale)}")
+    import torch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_precision]
+    print(f"merged pipeline written to {merge_into_pipeline(args.base, args.adapter, args.out, args.scale, dtype)}")
 
 
 def _generate(args):
@@ -50,7 +54,11 @@ def _generate(args):
     check_base_exists(args.base)
     if args.adapter:
         find_adapter_file(args.adapter)  # a wrong path fails before the base model loads
-    pipe = load_pipeline(args.base)
+    import torch
+
+    cuda = torch.cuda.is_available()  # fp16 on a GPU, as the web UI; float32 on the CPU (fp16 is slow there)
+    pipe = load_pipeline(args.base, dtype=torch.float16 if cuda else torch.float32, device="cuda" if cuda else None,
+                         vae_fp32_if_upcast=True)
     if args.adapter:
         apply_adapter(pipe, args.adapter, args.scale)
     image = render(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -77,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir")
     s.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--full_size", action="store_true",
+                   help="the real SD1.5 / SDXL component configs (2 GB / 6.5 GB in fp16), as random:sd15 / random:sdxl")
     s.set_defaults(func=_tiny)
 
     s = sub.add_parser("inspect", help="print an adapter file's metadata, modules and parameters")
@@ -94,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--scale", type=float, default=1.0)
+    s.add_argument("--save_precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="dtype of the saved weights (kohya's name); fp16 halves an SDXL folder to ~7 GB")
     s.set_defaults(func=_merge)
 
     s = sub.add_parser("generate", help="render an image, with or without an adapter")

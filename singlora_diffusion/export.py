@@ -81,14 +81,18 @@ def export_kohya(adapter_path: str | os.PathLike, out_file: str | os.PathLike) -
 
 
 def merge_into_pipeline(base: str | os.PathLike, adapter_path: str | os.PathLike, out_dir: str | os.PathLike,
-                        scale: float = 1.0) -> Path:
-    """Save a full diffusers pipeline folder with ΔW folded into the base weights."""
+                        scale: float = 1.0, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a full diffusers pipeline folder with ΔW folded into the base weights.
+
+    `dtype`: the saved weights'; W0 + ΔW is summed in float32 and rounded once
+    (SingLoRALinear.merge).
+    """
     from .format import load_adapter
     from .inject import remove_singlora, set_scale
     from .pipelines import load_pipeline, pipeline_components
 
     read_adapter(adapter_path)  # validate the file before loading the (large) base
-    pipe = load_pipeline(base)
+    pipe = load_pipeline(base, dtype=dtype)
     components = pipeline_components(pipe)
     load_adapter(components, adapter_path)
     for model in components.values():

@@ -112,9 +112,13 @@ def check_base_exists(base: str | os.PathLike) -> None:
                                     f"online or pass a local diffusers folder")
 
 
-def load_pipeline(base: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None,
+def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None,
                   vae_fp32_if_upcast: bool = False):
     """A diffusers text-to-image pipeline from a hub id or a local folder, its weights in `dtype`.
+
+    The dtype is always given to diffusers: without it an fp16 folder (the hub's fp16 variants,
+    `singlora merge --save_precision fp16`) loads its text encoders in fp16 (transformers'
+    default) beside a float32 UNet (diffusers'), and the first prompt fails on the dtype mismatch.
 
     vae_fp32_if_upcast: with an fp16 `dtype`, a VAE whose config sets force_upcast (SD1.5's
     and SDXL's: they overflow in fp16) is loaded in float32 from its own files instead.
@@ -122,9 +126,8 @@ def load_pipeline(base: str | os.PathLike, dtype: torch.dtype | None = None, dev
     from diffusers import DiffusionPipeline
 
     check_base_exists(base)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(base), **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype)
         if (vae_fp32_if_upcast and dtype == torch.float16 and getattr(pipe, "vae", None) is not None
                 and getattr(pipe.vae.config, "force_upcast", False)):
             pipe.register_modules(vae=type(pipe.vae).from_pretrained(str(base), subfolder="vae",

@@ -44,3 +44,18 @@ def tiny_pipeline_dir(tmp_path_factory):
             cache[arch] = save_tiny_pipeline(tmp_path_factory.mktemp(f"tiny_{arch}"), arch)
         return cache[arch]
     return get
+
+
+_REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    """A line for the end-of-session summary (times and peak RSS of the real-size tier)."""
+    _REPORT.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("real-size tier: time and peak RSS")
+        for line in _REPORT:
+            terminalreporter.write_line(line)

@@ -1,4 +1,6 @@
-"""Test helpers: a tiny pipeline with a trained-looking SingLoRA adapter."""
+"""Test helpers: a tiny pipeline with a trained-looking SingLoRA adapter; a free port."""
+import socket
+
 import torch
 
 from singlora_diffusion import AdapterConfig, set_step, singlora_modules
@@ -24,3 +26,10 @@ def adapted_pipeline(base, rank=4, alpha=8.0, ramp_up_steps=10, step=7, text_enc
 
 def latents(pipe, seed=0):
     return render(pipe, PROMPT, seed=seed, steps=3, output_type="latent")
+
+
+def free_port() -> int:
+    """A port no other test (or test run) uses right now: tests may run in parallel, so none is fixed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -75,6 +75,20 @@ def test_export_merge_and_generate(adapter_file, tmp_path):
     assert (images["plain"] - images["native"]).abs().mean() > 1
 
 
+def test_merge_saved_in_fp16_generates(adapter_file, tmp_path):
+    """An fp16 folder (hub fp16 variants, --save_precision fp16) must not load fp16 text encoders beside an fp32 UNet."""
+    base, path = adapter_file
+    merged = tmp_path / "m16"
+    assert main(["merge", "--base", str(base), "--adapter", str(path), "--out", str(merged), "--save_precision",
+                 "fp16"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(next((merged / "unet").glob("*.safetensors"))), framework="pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    assert main(["generate", "--base", str(merged), "--prompt", "a photo of sks dog", "--steps", "2", "--out",
+                 str(tmp_path / "x.png")]) == 0
+
+
 def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert main(["generate", "--base", str(tmp_path / "nope"), "--prompt", "x", "--out", "x.png"]) == 2
     assert "nope: no such folder" in capsys.readouterr().err

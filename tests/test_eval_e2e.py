@@ -18,7 +18,7 @@ from singlora_diffusion.evaluation.embed import load_scorer
 from singlora_diffusion.evaluation.models import RANDOM_STAMP, Weights
 from singlora_diffusion.format import save_adapter
 
-from .helpers import adapted_pipeline
+from .helpers import adapted_pipeline, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = sorted(bundled_subject().glob("*.jpg"))
@@ -298,10 +298,11 @@ def test_two_processes_share_the_work_and_cover_every_image_once(adapter_file, p
     shutil.copy(adapter_file, adapters / "rc_car" / "singlora_weights.safetensors")  # a training output folder
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "eval/evaluate.py"),
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(ROOT / "eval/evaluate.py"),
            "--dreambench_dir", str(bench), "--adapters_dir", str(adapters), "--prompts", str(prompts_file),
            "--baseline", "--out", str(out), *FAST]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29531", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     logs = [json.loads(line) for rank in (0, 1)

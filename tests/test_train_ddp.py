@@ -1,7 +1,6 @@
 """Two processes on CPU (gloo) through accelerate launch; resume with one process."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +10,10 @@ from safetensors.torch import load_file
 from singlora_diffusion.format import read_adapter
 from singlora_diffusion.training.run import train
 
+from .helpers import free_port
 from .train_helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A port no other test (or test run) is using right now: tests may run in parallel."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_then_resume_with_one(tiny_pipeline_dir, tmp_path):
