@@ -31,13 +31,20 @@ def train_here(trainer: str, argv: list[str], script: str | None = None) -> dict
     """Train with `argv` ("ours": our phases validate -> build -> fit; "diffusers": `script`).
 
     Returns stamps (the time after every optimizer step, from one global post-hook: one clock
-    for both trainers), the peak RSS after loading (ours only) and overall, and the CUDA peak.
+    for both trainers), the peak RSS after loading (ours only), after each step and overall
+    (which includes what a script does after training: diffusers' reloads a whole pipeline),
+    and the CUDA peak.
     """
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     stamps: list[float] = []
-    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    at_step: list[float] = []  # peak RSS so far, read right after each optimizer step
+
+    def stamp(*_):
+        stamps.append(time.perf_counter())
+        at_step.append(rss_gb())
+    register_optimizer_step_post_hook(stamp)
     loaded = None
     if trainer == "ours":
         from singlora_diffusion.training.build import build, validate
@@ -54,4 +61,4 @@ def train_here(trainer: str, argv: list[str], script: str | None = None) -> dict
     else:
         run_diffusers_script(script, argv)
     cuda = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
-    return dict(stamps=stamps, loaded_rss=loaded, peak_rss=rss_gb(), cuda_peak=cuda)
+    return dict(stamps=stamps, loaded_rss=loaded, rss_at_steps=at_step, peak_rss=rss_gb(), cuda_peak=cuda)

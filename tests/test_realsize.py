@@ -9,6 +9,7 @@ Pipelines are built once into the singlora cache (SINGLORA_CACHE, default ~/.cac
 """
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,8 @@ def check_exports_merge_generate(base: str, out: Path, work: Path, text_dtype: t
     gc.collect()
     torch.testing.assert_close(unet_output(load_pipeline(merged, dtype=dtype)), expected, rtol=0,
                                atol=max(exact, 0.05 * effect))
+    report(f"{label(base)} exports and merge compared (this test process, UNet float32): peak RSS "
+           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GB")
 
 
 def label(base: str) -> str:
