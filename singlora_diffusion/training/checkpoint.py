@@ -4,9 +4,9 @@ A checkpoint holds the adapter weights (safetensors; for SingLoRA the native
 file, which carries the ramp step), the optimizer and LR-scheduler states, the
 fp16 GradScaler's state (scaler.pt, fp16 runs only), the RNG states and
 trainer_state.json (optimizer steps done, samples consumed = the data
-position, seed, process count, max_train_steps, ramp_up_steps). Optimizer/scheduler/RNG states are
-torch.save'd tensors and numbers, read back with weights_only=True (no code
-is ever unpickled).
+position, seed, process count, max_train_steps, ramp_up_steps). The .pt
+states are torch.save'd tensors and numbers, read back with weights_only=True
+(no code is ever unpickled).
 """
 from __future__ import annotations
 
