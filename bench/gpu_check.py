@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT / "singlora_diffusion" / "assets" / "dog3"
+from bench.runs import ROOT, in_fresh_process, trainer_flags
+
 SCRIPTS = {"sd15": "train_dreambooth_lora.py", "sdxl": "train_dreambooth_lora_sdxl.py"}
 # arch -> (resolution, precision, gradient checkpointing); the dry run keeps all but the size
 PLAN = {"sd15": (512, "fp16", False), "sdxl": (1024, "bf16", True)}
@@ -34,19 +34,6 @@ SETTINGS = {"full": dict(prefix="random", resolution=None, warmup=3, steps=10, i
             "dry": dict(prefix="tiny", resolution=64, warmup=1, steps=2, infer_steps=2, repeats=1)}
 TRAINERS = [("ours singlora", "ours", ["--adapter", "singlora"]), ("ours lora", "ours", ["--adapter", "lora"]),
             ("diffusers", "diffusers", [])]
-
-
-def train_flags(trainer: str, base: str, resolution: int, precision: str, checkpointing: bool, steps: int,
-                out: str) -> list[str]:
-    """The settings both trainers share, in each one's spelling (ours follows diffusers' names)."""
-    common = ["--pretrained_model_name_or_path", base, "--instance_data_dir", str(IMAGES), "--instance_prompt",
-              "a photo of sks dog", "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps",
-              str(steps), "--rank", "8", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--seed", "0",
-              "--checkpointing_steps", str(steps), "--report_to", "none", "--mixed_precision", precision,
-              "--output_dir", out] + (["--gradient_checkpointing"] if checkpointing else [])
-    if trainer == "ours":
-        return common + ["--center_crop", "true", "--target_modules", "attn"]
-    return common + ["--center_crop", "--lr_warmup_steps", "0"]
 
 
 def child(spec: dict) -> None:
@@ -73,7 +60,6 @@ def infer(spec: dict) -> dict:
     pipe = load_pipeline(spec["base"], dtype=dtype, device=device, vae_fp32_if_upcast=True)
     components = pipeline_components(pipe)
     load_adapter(components, spec["adapter"])
-    pipe.to(device)
 
     def seconds() -> float:
         times = []
@@ -88,16 +74,6 @@ def infer(spec: dict) -> dict:
     for model in components.values():
         merge_singlora(model)
     return dict(unmerged=unmerged, merged=seconds())
-
-
-def in_child(spec: dict, tmp: str) -> dict:
-    spec = dict(spec, result=f"{tmp}/result-{time.monotonic_ns()}.json")
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--child", json.dumps(spec)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if proc.returncode != 0 or not Path(spec["result"]).is_file():
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        return dict(error=f"exit {proc.returncode}: {lines[-1] if lines else ''}"[:300])
-    return json.loads(Path(spec["result"]).read_text())
 
 
 def training_row(r: dict, warmup: int) -> dict:
@@ -183,13 +159,14 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 out = f"{tmp}/{arch}-{name.replace(' ', '-')}"
                 spec = dict(kind="train", trainer=trainer, script=str(scripts / SCRIPTS[arch]) if scripts else None,
-                            argv=train_flags(trainer, base, resolution, precision, checkpointing, n_steps, out) + extra)
-                rows[name] = training_row(in_child(spec, tmp), s["warmup"])
+                            argv=trainer_flags(trainer, base, resolution, n_steps, out, precision, n_steps,
+                                               checkpointing) + extra)
+                rows[name] = training_row(in_fresh_process("bench.gpu_check", spec, tmp), s["warmup"])
                 print(f"{report['bases'][arch]:32s} {name:14s} {rows[name]}", flush=True)
                 if name == "ours singlora":
                     adapter = Path(out) / f"checkpoint-{n_steps}" / "singlora_weights.safetensors"
             report["training"][arch] = rows
-            report["inference"][arch] = (in_child(dict(kind="infer", base=base, adapter=str(adapter),
+            report["inference"][arch] = (in_fresh_process("bench.gpu_check", dict(kind="infer", base=base, adapter=str(adapter),
                                                        precision=precision, resolution=resolution,
                                                        infer_steps=s["infer_steps"], repeats=s["repeats"]), tmp)
                                          if adapter is not None and adapter.is_file() else dict(error="no adapter"))

@@ -21,14 +21,13 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT / "singlora_diffusion" / "assets" / "dog3"
+from bench.runs import in_fresh_process, trainer_flags
+
 GC, NO_CACHE = ["--gradient_checkpointing"], ["--cache_latents", "false", "--cache_text_embeddings", "false"]
 SCRIPTS = {"sd15": "train_dreambooth_lora.py", "sdxl": "train_dreambooth_lora_sdxl.py"}
 RESOLUTION = {"sd15": 512, "sdxl": 1024}
@@ -47,18 +46,6 @@ CONFIGS = [
     ("sdxl", "bf16 + GC, no caching", "ours", "bf16", GC + NO_CACHE, "VAE and text encoders every step"),
     ("sdxl", "diffusers bf16 + GC", "diffusers", "bf16", GC, "train_dreambooth_lora_sdxl.py"),
 ]
-
-
-def flags(trainer: str, base: str, resolution: int, precision: str, out: str) -> list[str]:
-    """The settings both trainers share, in each one's spelling (ours follows diffusers' names)."""
-    common = ["--pretrained_model_name_or_path", base, "--instance_data_dir", str(IMAGES), "--instance_prompt",
-              "a photo of sks dog", "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps",
-              "2", "--rank", "8", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--seed", "0",
-              "--checkpointing_steps", "100", "--report_to", "none", "--mixed_precision", precision,
-              "--output_dir", out]
-    if trainer == "ours":  # preset attn = to_q, to_k, to_v, to_out.0 with alpha = rank, as diffusers' LoraConfig
-        return common + ["--center_crop", "true", "--target_modules", "attn"]
-    return common + ["--center_crop", "--lr_warmup_steps", "0"]
 
 
 def child(spec: dict) -> None:
@@ -83,16 +70,11 @@ def skip_reason(trainer: str, extra: list[str], scripts: Path | None, arch: str)
 def run_one(arch: str, trainer: str, precision: str, extra: list[str], base: str, resolution: int,
             scripts: Path | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="singlora-memory-") as tmp:
-        spec = dict(trainer=trainer, result=f"{tmp}/result.json",
-                    script=str(scripts / SCRIPTS[arch]) if trainer == "diffusers" else None,
-                    argv=flags(trainer, base, resolution, precision, f"{tmp}/out") + extra)
+        spec = dict(trainer=trainer, script=str(scripts / SCRIPTS[arch]) if trainer == "diffusers" else None,
+                    argv=trainer_flags(trainer, base, resolution, 2, f"{tmp}/out", precision, 100) + extra)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "bench.memory", "--child", json.dumps(spec)], cwd=ROOT,
-                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if proc.returncode != 0 or not Path(spec["result"]).is_file():
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            return dict(error=f"exit {proc.returncode}: {lines[-1] if lines else ''}"[:300])
-        return dict(json.loads(Path(spec["result"]).read_text()), seconds=time.perf_counter() - start)
+        r = in_fresh_process("bench.memory", spec, tmp)
+        return r if "error" in r else dict(r, seconds=time.perf_counter() - start)
 
 
 def table(rows: list[dict]) -> str:

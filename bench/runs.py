@@ -6,10 +6,46 @@ huggingface/diffusers, kept outside this repository); they run unmodified.
 """
 from __future__ import annotations
 
+import json
+import os
 import resource
 import runpy
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT / "singlora_diffusion" / "assets" / "dog3"  # the bundled photos every benchmark trains on
+
+
+def trainer_flags(trainer: str, base: str, resolution: int, steps: int, out: str, precision: str = "no",
+                  checkpointing_steps: int | None = None, gradient_checkpointing: bool = False) -> list[str]:
+    """The settings our trainer and diffusers' scripts share, in each one's spelling (ours follows diffusers').
+
+    Batch 1, rank 8, lr 1e-4 constant, seed 0, no tracker, the bundled photos center-cropped; ours
+    on the attn preset (to_q, to_k, to_v, to_out.0 with alpha = rank, as diffusers' LoraConfig).
+    """
+    common = ["--pretrained_model_name_or_path", base, "--instance_data_dir", str(IMAGES), "--instance_prompt",
+              "a photo of sks dog", "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps",
+              str(steps), "--rank", "8", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--seed", "0",
+              "--checkpointing_steps", str(checkpointing_steps or steps + 1), "--report_to", "none",
+              "--mixed_precision", precision, "--output_dir", out]
+    common += ["--gradient_checkpointing"] if gradient_checkpointing else []
+    if trainer == "ours":
+        return common + ["--center_crop", "true", "--target_modules", "attn"]
+    return common + ["--center_crop", "--lr_warmup_steps", "0"]
+
+
+def in_fresh_process(module: str, spec: dict, tmp: str) -> dict:
+    """Run `python -m module --child SPEC` (its peak memory is its own); its JSON result, or {"error": ...}."""
+    spec = dict(spec, result=f"{tmp}/result-{time.monotonic_ns()}.json")
+    proc = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(spec)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0 or not Path(spec["result"]).is_file():  # e.g. a script that calls sys.exit(0)
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return dict(error=f"exit {proc.returncode}: {lines[-1] if lines else ''}"[:300])
+    return json.loads(Path(spec["result"]).read_text())
 
 
 def rss_gb() -> float:

@@ -32,8 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT / "singlora_diffusion" / "assets" / "dog3"
+from bench.runs import ROOT, trainer_flags
+
 NO_CACHE = ["--cache_latents", "false", "--cache_text_embeddings", "false"]
 # name -> (trainer, extra flags, what is encoded once instead of every step)
 CONFIGS = {
@@ -84,18 +84,6 @@ def build_bench_pipeline(folder: Path) -> Path:
     return folder
 
 
-def flags(trainer: str, base: str, resolution: int, n_steps: int, out: str) -> list[str]:
-    """The settings both trainers share, in each one's spelling (ours follows diffusers' names)."""
-    common = ["--pretrained_model_name_or_path", base, "--instance_data_dir", str(IMAGES), "--instance_prompt",
-              "a photo of sks dog", "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps",
-              str(n_steps), "--rank", "8", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--seed", "0",
-              "--checkpointing_steps", str(n_steps + 1), "--report_to", "none", "--mixed_precision", "no",
-              "--output_dir", out]
-    if trainer == "ours":  # preset attn = to_q, to_k, to_v, to_out.0, alpha = rank: diffusers' LoraConfig
-        return common + ["--center_crop", "true", "--target_modules", "attn"]
-    return common + ["--center_crop", "--lr_warmup_steps", "0"]
-
-
 def child(spec: dict) -> None:
     """One configuration in this fresh process; writes step time stamps and peak RSS to spec['result']."""
     import torch
@@ -112,7 +100,7 @@ def run_one(name: str, s: dict, base: str, script: str | None) -> dict:
     n_steps = s["warmup"] + s["steps"]
     with tempfile.TemporaryDirectory(prefix="singlora-bench-") as tmp:
         spec = dict(trainer=trainer, script=script, threads=cores(), result=f"{tmp}/result.json",
-                    argv=flags(trainer, base, s["resolution"], n_steps, f"{tmp}/out") + extra)
+                    argv=trainer_flags(trainer, base, s["resolution"], n_steps, f"{tmp}/out") + extra)
         proc = subprocess.run([sys.executable, "-m", "bench.trainer_throughput", "--child", json.dumps(spec)],
                               cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0 or not Path(spec["result"]).is_file():  # e.g. a script that calls sys.exit(0)

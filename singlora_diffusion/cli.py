@@ -41,24 +41,23 @@ def _export(args):
 def _merge(args):
     from .export import merge_into_pipeline
 
-    import torch
+    from .training.build import DTYPES
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_precision]
+    dtype = DTYPES["no" if args.save_precision == "fp32" else args.save_precision]
     print(f"merged pipeline written to {merge_into_pipeline(args.base, args.adapter, args.out, args.scale, dtype)}")
 
 
 def _generate(args):
     from .generate import apply_adapter, find_adapter_file, render
-    from .pipelines import check_base_exists, load_pipeline
+    from .pipelines import check_base_exists, inference_dtype, load_pipeline
 
     check_base_exists(args.base)
     if args.adapter:
         find_adapter_file(args.adapter)  # a wrong path fails before the base model loads
     import torch
 
-    cuda = torch.cuda.is_available()  # fp16 on a GPU, as the web UI; float32 on the CPU (fp16 is slow there)
-    pipe = load_pipeline(args.base, dtype=torch.float16 if cuda else torch.float32, device="cuda" if cuda else None,
-                         vae_fp32_if_upcast=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(args.base, dtype=inference_dtype(device), device=device, vae_fp32_if_upcast=True)
     if args.adapter:
         apply_adapter(pipe, args.adapter, args.scale)
     image = render(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,

@@ -112,6 +112,11 @@ def check_base_exists(base: str | os.PathLike) -> None:
                                     f"online or pass a local diffusers folder")
 
 
+def inference_dtype(device: str | torch.device) -> torch.dtype:
+    """fp16 on a GPU, as diffusers' examples render; float32 on a CPU, where fp16 kernels are slow."""
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
 def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None,
                   vae_fp32_if_upcast: bool = False):
     """A diffusers text-to-image pipeline from a hub id or a local folder, its weights in `dtype`.

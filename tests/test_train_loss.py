@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from singlora_diffusion.bundled import bundled_subject
 from singlora_diffusion.format import read_adapter
 from singlora_diffusion.training import loop
-from singlora_diffusion.training.build import Inputs, build, validate
+from singlora_diffusion.training.build import build, validate
 from singlora_diffusion.training.config import TrainConfig, parse_config
 from singlora_diffusion.training.run import make_accelerator, train
 

@@ -10,7 +10,7 @@ import torch
 from ..format import read_metadata
 from ..generate import adapters_off, apply_adapter, remove_adapter, render
 from ..inject import set_scale
-from ..pipelines import load_pipeline, pipeline_components
+from ..pipelines import inference_dtype, load_pipeline, pipeline_components
 from .requests import BadRequest, GenerateRequest
 
 MAX_UPLOAD_BYTES = 512 * 2 ** 20  # an SDXL rank-128 LoRA is ~900 MB; adapters this UI makes are far smaller
@@ -33,9 +33,8 @@ class Engine:
 
         if base == self.base and self.pipe is not None:
             return
-        dtype = torch.float16 if self.device == "cuda" else torch.float32
         try:
-            pipe = load_pipeline(resolve_base(base), dtype=dtype, device=self.device)
+            pipe = load_pipeline(resolve_base(base), dtype=inference_dtype(self.device), device=self.device)
         except (OSError, ValueError) as e:
             raise BadRequest(f"Could not load base model {base!r}: {e}") from None
         self.base, self.pipe, self.adapter, self.kind = base, pipe, None, None
