@@ -44,22 +44,26 @@ def _merge(args):
     from .training.build import DTYPES
 
     dtype = DTYPES["no" if args.save_precision == "fp32" else args.save_precision]
-    print(f"merged pipeline written to {merge_into_pipeline(args.base, args.adapter, args.out, args.scale, dtype)}")
+    out = merge_into_pipeline(args.base, args.adapter, args.out, args.scale, dtype, args.allow_partial,
+                              log=lambda line: print(line, file=sys.stderr))
+    print(f"merged pipeline written to {out}")
 
 
 def _generate(args):
-    from .generate import apply_adapter, find_adapter_file, render
+    from .generate import apply_adapter, check_adapter_file, render
     from .pipelines import check_base_exists, inference_dtype, load_pipeline
 
     check_base_exists(args.base)
     if args.adapter:
-        find_adapter_file(args.adapter)  # a wrong path fails before the base model loads
+        check_adapter_file(args.adapter)  # a wrong path or a bad file fails before the base model loads
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(args.base, dtype=inference_dtype(device), device=device, vae_fp32_if_upcast=True)
     if args.adapter:
-        apply_adapter(pipe, args.adapter, args.scale)
+        note = apply_adapter(pipe, args.adapter, args.scale, args.allow_partial).note
+        if note:
+            print(f"{args.adapter}: {note}", file=sys.stderr)
     image = render(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                    negative_prompt=args.negative_prompt, width=args.width, height=args.height)[0]
     from PIL.PngImagePlugin import PngInfo
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--scale", type=float, default=1.0)
+    s.add_argument("--allow_partial", action="store_true",
+                   help="merge an adapter whose keys fit this base only in part (the counts are printed)")
     s.add_argument("--save_precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="dtype of the saved weights (kohya's name); fp16 halves an SDXL folder to ~7 GB")
     s.set_defaults(func=_merge)
@@ -111,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", required=True, help="hub id or local diffusers folder")
     s.add_argument("--adapter", help="SingLoRA file, diffusers/kohya LoRA file, or a training output folder")
     s.add_argument("--scale", type=float, default=1.0, help="adapter strength")
+    s.add_argument("--allow_partial", action="store_true",
+                   help="load an adapter whose keys fit this base only in part (the counts are printed)")
     s.add_argument("--prompt", required=True)
     s.add_argument("--negative_prompt")
     s.add_argument("--seed", type=int, default=0)
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         # User mistakes get one readable line, not a traceback.
         print(f"singlora {args.command}: error: {e}", file=sys.stderr)
         return 2

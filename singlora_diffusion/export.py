@@ -5,6 +5,7 @@ lora_down = A[:d_in]ᵀ and lora_up = coef·A[:d_out] (layer.lowrank_factors).
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -76,27 +77,59 @@ def export_kohya(adapter_path: str | os.PathLike, out_file: str | os.PathLike) -
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(adapter.rank),
             "ss_network_alpha": str(adapter.alpha), "ss_base_model_version": kohya_base_version(adapter),
             "singlora_source": os.path.basename(adapter.path), "singlora_step": str(adapter.step)}
-    save_file(tensors, str(out_file), metadata=meta)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out_file)  # a failed write leaves an earlier file of that name as it was
     return out_file
 
 
 def merge_into_pipeline(base: str | os.PathLike, adapter_path: str | os.PathLike, out_dir: str | os.PathLike,
-                        scale: float = 1.0, dtype: torch.dtype = torch.float32) -> Path:
+                        scale: float = 1.0, dtype: torch.dtype = torch.float32, allow_partial: bool = False,
+                        log=print) -> Path:
     """Save a full diffusers pipeline folder with ΔW folded into the base weights.
 
     `dtype`: the saved weights'; W0 + ΔW is summed in float32 and rounded once
-    (SingLoRALinear.merge).
+    (SingLoRALinear.merge). A merged weight that is not finite in `dtype` (fp16
+    overflows above 65504) is refused before anything is written. The folder is
+    written beside `out_dir` and renamed into place, so a failed save (a full
+    disk) leaves an earlier `out_dir` as it was.
     """
+    import shutil
+
     from .format import load_adapter
-    from .inject import remove_singlora, set_scale
+    from .inject import remove_singlora, set_scale, singlora_modules
     from .pipelines import load_pipeline, pipeline_components
 
+    if not math.isfinite(scale):
+        raise ValueError(f"--scale {scale}: expected a finite number")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
+        raise ValueError(f"{out_dir} exists and is not a pipeline folder; give a new folder (nothing was written)")
     read_adapter(adapter_path)  # validate the file before loading the (large) base
     pipe = load_pipeline(base, dtype=dtype)
     components = pipeline_components(pipe)
-    load_adapter(components, adapter_path)
-    for model in components.values():
+    adapter = load_adapter(components, adapter_path, allow_partial)
+    if adapter.skipped:
+        log(f"{adapter_path}: partial merge: {len(adapter.tensors) - len(adapter.skipped)} of "
+            f"{len(adapter.tensors)} modules fit this base; {len(adapter.skipped)} skipped, e.g. {adapter.skipped[0]}")
+    for component, model in components.items():
         set_scale(model, scale)
+        merged = singlora_modules(model)
         remove_singlora(model, merge=True)
-    pipe.save_pretrained(str(out_dir))
-    return Path(out_dir)
+        for name in merged:
+            weight = model.get_submodule(name).weight
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"merged weight {component}.{name} is not finite in {dtype} (scale {scale}); "
+                                 f"nothing was written: lower --scale or use --save_precision fp32")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(str(tmp))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write the merged pipeline next to {out_dir} ({e.strerror or e}); "
+                      f"nothing at {out_dir} was changed") from None
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ class AdapterFile:
     path: str
     tensors: dict[str, torch.Tensor]       # "{component}.{module_path}" -> A
     metadata: dict[str, str]
+    skipped: list[str] = field(default_factory=list)  # keys a partial load left out (load_adapter)
 
     @property
     def rank(self) -> int:
@@ -164,43 +165,115 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             raise ValueError(f"{path}: unexpected tensor {key!r}; expected '{{unet|text_encoder|text_encoder_2}}"
                              f".<module path>{SUFFIX}'")
         tensors[key[: -len(SUFFIX)]] = A
-    return AdapterFile(str(path), tensors, metadata)
+    adapter = AdapterFile(str(path), tensors, metadata)
+    check_adapter(adapter)
+    return adapter
 
 
-def _validate_against(adapter: AdapterFile, components: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    """component -> {model module path: A}; raises on the first key that does not fit."""
-    plan = {}
+def _number(adapter: AdapterFile, key: str, kind, low, what: str):
+    try:
+        value = kind(adapter.metadata[key])
+    except ValueError:
+        value = None
+    if value is None or value != value or value in (float("inf"), float("-inf")) or value < low:
+        raise ValueError(f"{adapter.path}: metadata {key}={adapter.metadata[key]!r}; expected {what}. The file is "
+                         f"damaged or was edited by hand: re-export it from its training run")
+    return value
+
+
+def check_adapter(adapter: AdapterFile) -> None:
+    """Refuse a file whose tensors are not finite or whose metadata contradicts them.
+
+    Everything that reads a SingLoRA file goes through this (read_adapter), so a
+    NaN or a lying rank stops here instead of reaching an image, an export or a
+    merged pipeline: metadata rank 4 over rank-8 tensors would export a LoRA 2x
+    too strong; a wrong module_shapes entry, one that cannot be loaded.
+    """
+    path = adapter.path
+    if not adapter.tensors:
+        raise ValueError(f"{path} holds no adapter tensors: an empty file would act as the base model")
+    rank = _number(adapter, "rank", int, 1, "a whole number >= 1")
+    _number(adapter, "alpha", float, 1e-300, "a finite number > 0")
+    _number(adapter, "ramp_up_steps", int, 0, "a whole number >= 0")
+    _number(adapter, "step", int, 0, "a whole number >= 0")
+    try:
+        shapes = adapter.shapes
+        if not all(len(v) == 2 and all(isinstance(d, int) and d > 0 for d in v) for v in shapes.values()):
+            raise ValueError
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"{path}: metadata module_shapes is not a JSON map of module -> [d_out, d_in]") from None
+    for key, A in adapter.tensors.items():
+        name = key + SUFFIX
+        if key not in shapes:
+            raise ValueError(f"{path}: tensor {name} has no module_shapes entry; export cannot split it")
+        if A.ndim != 2 or not A.is_floating_point():
+            raise ValueError(f"{path}: tensor {name} is {A.dtype} of shape {tuple(A.shape)}; expected a float (n, r)")
+        d_out, d_in = shapes[key]
+        if tuple(A.shape) != (max(d_out, d_in), rank):
+            raise ValueError(f"{path}: tensor {name} has shape {tuple(A.shape)}, but the metadata (rank {rank}, "
+                             f"module_shapes {[d_out, d_in]}) says {(max(d_out, d_in), rank)}")
+        bad = (~torch.isfinite(A)).sum().item()
+        if bad:
+            raise ValueError(f"{path}: tensor {name} holds {bad} NaN/Inf values of {A.numel()}; the training that "
+                             f"wrote it diverged: use an earlier checkpoint")
+    extra = sorted(set(shapes) - set(adapter.tensors))
+    if extra:
+        raise ValueError(f"{path}: module_shapes lists {len(extra)} modules without a tensor, e.g. {extra[0]}")
+
+
+def _validate_against(adapter: AdapterFile, components: dict[str, nn.Module],
+                      allow_partial: bool = False) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """component -> {model module path: A}, and the keys that fit no layer of this base.
+
+    A key that fits nothing is refused (one line naming it) unless allow_partial;
+    a partial load is then reported by the caller with counts.
+    """
+    plan: dict[str, dict[str, torch.Tensor]] = {}
+    skipped: list[str] = []
+    trained_on = adapter.metadata.get("base_model")
+
+    first: list[str] = []
+
+    def misfit(message: str, key: str) -> None:
+        skipped.append(key)
+        first.append(message)
+
     for component, entries in adapter.by_component().items():
-        if component not in components:
-            raise ValueError(f"{adapter.path} has weights for {component!r}, which this pipeline lacks "
-                             f"(base_model of the file: {adapter.metadata.get('base_model')})")
-        model = components[component]
-        modules = dict(model.named_modules())
-        plan[component] = {}
+        model = components.get(component)
+        modules = dict(model.named_modules()) if model is not None else {}
         for path, A in entries.items():
+            key = f"{component}.{path}{SUFFIX}"
+            if model is None:
+                misfit(f"key {key} is for {component!r}, which this pipeline lacks", key)
+                continue
             name = model_module_path(model, component, path)
             layer = modules.get(name)
-            key = f"{component}.{path}{SUFFIX}"
             if not isinstance(layer, nn.Linear):
-                raise ValueError(f"{adapter.path}: key {key} names no Linear layer in this {component} "
-                                 f"(wrong base model? the file was trained on {adapter.metadata.get('base_model')})")
+                misfit(f"key {key} names no Linear layer in this {component}", key)
+                continue
             d_out, d_in = layer.weight.shape
             expected = (max(d_in, d_out), adapter.rank)
             if tuple(A.shape) != expected:
-                raise ValueError(f"{adapter.path}: key {key} has shape {tuple(A.shape)} but this base's "
-                                 f"Linear({d_in} -> {d_out}) needs {expected}; the file was trained on "
-                                 f"{adapter.metadata.get('base_model')}")
-            plan[component][name] = A
-    return plan
+                misfit(f"key {key} has shape {tuple(A.shape)} but this base's Linear({d_in} -> {d_out}) needs "
+                       f"{expected}", key)
+                continue
+            plan.setdefault(component, {})[name] = A
+    if skipped and (not plan or not allow_partial):
+        fitting = len(adapter.tensors) - len(skipped)
+        raise ValueError(f"{adapter.path}: {len(skipped)} of its {len(adapter.tensors)} keys fit no layer of this base, "
+                         f"e.g. {first[0]} (wrong base model? the file was trained on {trained_on})"
+                         + (f"; pass --allow_partial to load the {fitting} that fit" if fitting else ""))
+    return plan, skipped
 
 
-def load_adapter(components: dict[str, nn.Module], path: str | os.PathLike) -> AdapterFile:
+def load_adapter(components: dict[str, nn.Module], path: str | os.PathLike, allow_partial: bool = False) -> AdapterFile:
     """Inject the file's layers into `components` and restore A, α, T and the step exactly.
 
-    Checks every key against the base before touching any model.
+    Checks every key against the base before touching any model. With
+    allow_partial, keys that fit no layer are left out and listed in `.skipped`.
     """
     adapter = read_adapter(path)
-    plan = _validate_against(adapter, components)
+    plan, adapter.skipped = _validate_against(adapter, components, allow_partial)
     for component, entries in plan.items():
         model = components[component]
         # Exact names (escaped regexes); the seed only fills A before it is overwritten.

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,19 +45,98 @@ def adapter_kind(path: str | os.PathLike) -> str | None:
     return "lora" if any("lora" in k.lower() for k in keys) else None
 
 
-def apply_adapter(pipe, path: str | os.PathLike, scale: float = 1.0) -> str:
-    """Load an adapter into `pipe` at strength `scale`; returns "singlora" or "lora"."""
+# The down (A) factor of one LoRA module in every layout diffusers reads: PEFT/diffusers
+# (lora_A), kohya (lora_down), and the older diffusers attention-processor names.
+_LORA_DOWN = re.compile(r"^(.+?)[._](?:lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight$")
+
+
+def check_lora_file(path: Path) -> int:
+    """The number of LoRA modules in a diffusers / kohya file, after refusing what cannot be right.
+
+    Refused: no LoRA module at all (it would act as the base model), NaN/Inf in
+    any tensor, an alpha that is not > 0.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for key, t in tensors.items():
+        if key.endswith(".alpha"):
+            if t.numel() != 1 or not 0 < float(t) < float("inf"):
+                raise ValueError(f"{path}: {key} = {t.flatten()[:2].tolist()}; expected one finite number > 0")
+        elif t.is_floating_point():
+            bad = (~torch.isfinite(t)).sum().item()
+            if bad:
+                raise ValueError(f"{path}: tensor {key} holds {bad} NaN/Inf values of {t.numel()}; the training "
+                                 f"that wrote it diverged")
+    modules = {m.group(1) for key in tensors if (m := _LORA_DOWN.match(key))}
+    if not modules:
+        raise ValueError(f"{path} holds no LoRA modules ({len(tensors)} tensors, none named like "
+                         f"'….lora_down.weight' or '….lora_A.weight'): it would act as the base model")
+    return len(modules)
+
+
+def check_adapter_file(path: str | os.PathLike) -> str:
+    """Everything about an adapter file that needs no base model; returns its kind.
+
+    Commands call it before loading a (large) base: a NaN, a lying header or an
+    empty file is refused in one line first.
+    """
+    from .format import read_adapter
+
+    path = find_adapter_file(path)
+    if read_metadata(path).get("format") == FORMAT:
+        read_adapter(path)  # check_adapter
+        return "singlora"
+    check_lora_file(path)
+    return "lora"
+
+
+@dataclass
+class Loaded:
+    """What apply_adapter loaded: kind, and how many of the file's modules found a layer."""
+    kind: str                # "singlora" | "lora"
+    loaded: int
+    total: int
+
+    @property
+    def note(self) -> str | None:
+        if self.loaded == self.total:
+            return None
+        return f"partial load: {self.loaded} of {self.total} modules fit this base; {self.total - self.loaded} skipped"
+
+
+def _peft_layers(pipe) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(m, BaseTunerLayer) and "default" in getattr(m, "lora_A", {})
+               for model in pipeline_components(pipe).values() for m in model.modules())
+
+
+def apply_adapter(pipe, path: str | os.PathLike, scale: float = 1.0, allow_partial: bool = False) -> Loaded:
+    """Load an adapter into `pipe` at strength `scale`, after checking it (check_adapter, check_lora_file).
+
+    A file whose keys fit the base only in part is refused (the pipeline left as
+    it was) unless allow_partial; Loaded.note then says how much was left out.
+    """
     path = find_adapter_file(path)
     if read_metadata(path).get("format") == FORMAT:
         components = pipeline_components(pipe)
-        load_adapter(components, path)
+        adapter = load_adapter(components, path, allow_partial)
         for model in components.values():
             set_scale(model, scale)
-        return "singlora"
-    # diffusers and kohya LoRA files: diffusers converts kohya keys itself.
+        return Loaded("singlora", len(adapter.tensors) - len(adapter.skipped), len(adapter.tensors))
+    total = check_lora_file(path)
+    # diffusers and kohya LoRA files: diffusers converts kohya keys itself, and only warns
+    # in the log about keys it could not place, so the placed modules are counted here.
     pipe.load_lora_weights(str(path), adapter_name="default")
+    loaded = Loaded("lora", _peft_layers(pipe), total)
+    if loaded.loaded == 0 or (loaded.note and not allow_partial):
+        remove_adapter(pipe)
+        what = "none" if loaded.loaded == 0 else f"only {loaded.loaded}"
+        raise ValueError(f"{path}: {what} of its {total} LoRA modules fit a layer of this base model (wrong "
+                         f"base model?)" + ("; pass --allow_partial to load the ones that fit" if loaded.loaded else ""))
     pipe.set_adapters(["default"], adapter_weights=[scale])
-    return "lora"
+    return loaded
 
 
 def remove_adapter(pipe) -> None:

@@ -44,7 +44,7 @@ class Engine:
         self.adapter, self.kind = None, None
 
     def _load(self, path: Path) -> None:
-        self.kind = apply_adapter(self.pipe, path, 1.0)
+        self.kind = apply_adapter(self.pipe, path, 1.0).kind
         self.adapter = path
 
     def set_adapter(self, path: str | Path | None) -> None:
