@@ -33,18 +33,100 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(output_dir: str | Path, spec: str | None) -> Path | None:
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and says what to do."""
+
+
+class WriteError(RuntimeError):
+    """An output could not be written (full disk, file size limit); nothing complete was lost."""
+
+
+# file -> keys its (torch.load'ed) dict must have
+_PARTS = {"optimizer.pt": ("state", "param_groups"), "scheduler.pt": ("last_epoch",),
+          "rng_state.pt": ("torch", "python")}
+
+
+def check_checkpoint(path: Path, cfg=None) -> dict:
+    """trainer_state of checkpoint `path` after reading every file in it; CheckpointError names what is wrong.
+
+    Reads the whole folder (small: the adapter and its optimizer state), so a
+    truncated file is found here, before any model loads, not halfway through a
+    resume. With `cfg`, also the settings that must not change (adapter, rank).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        state = read_state(path)
+        for key in ("step", "samples_seen"):
+            if not isinstance(state.get(key), int):
+                raise ValueError(f"{STATE} has no whole-number {key!r}")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: {STATE} is unreadable ({e})") from None
+    for name, keys in _PARTS.items():
+        try:
+            part = torch.load(path / name, weights_only=True)
+            missing = [k for k in keys if k not in part]
+            if missing:
+                raise ValueError(f"it lacks {missing[0]!r}")
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            raise CheckpointError(f"{path / name} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if (path / "scaler.pt").exists():  # fp16 runs
+        try:
+            torch.load(path / "scaler.pt", weights_only=True)["scale"]
+        except Exception as e:
+            raise CheckpointError(f"{path / 'scaler.pt'} is damaged ({type(e).__name__}: {e})") from None
+    weights = list(path.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{path} holds no adapter weights (*.safetensors)")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    f.get_tensor(key)
+                metadata = f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(f"{file} is damaged ({e})") from None
+        if cfg is not None:
+            saved = {"adapter": state.get("adapter"), "rank": state.get("rank") or
+                     (int(metadata["rank"]) if "rank" in metadata else None)}
+            for key, value in saved.items():
+                if value is not None and value != getattr(cfg, key):
+                    raise CheckpointError(f"{path} was written with --{key} {value}, this run has --{key} "
+                                          f"{getattr(cfg, key)}: resume with --{key} {value}, or train into a new "
+                                          f"--output_dir")
+    return state
+
+
+def resolve_resume(output_dir: str | Path, spec: str | None, cfg=None, log=print) -> Path | None:
+    """The checkpoint to resume from: `latest` is the newest one that reads back whole.
+
+    A damaged checkpoint (a truncated file, a crash between files) is skipped
+    with one line saying why; a checkpoint named explicitly must be whole.
+    """
     if not spec:
         return None
     if spec == "latest":
         found = list_checkpoints(output_dir)
-        if not found:
-            print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}, starting from scratch")
-        return found[-1] if found else None
+        for path in reversed(found):
+            try:
+                check_checkpoint(path, cfg)
+                return path
+            except CheckpointError as e:
+                if "this run has --" in str(e):
+                    raise  # a settings mismatch: an older checkpoint has the same settings
+                log(f"--resume_from_checkpoint latest: skipping {path.name}: {e}")
+        log(f"--resume_from_checkpoint latest: no {'usable ' if found else ''}checkpoint in {output_dir}, "
+            f"starting from scratch")
+        return None
     path = Path(spec)
     if not (path / STATE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder "
-                                f"(no {STATE}); pass a checkpoint-N folder or 'latest'")
+        raise CheckpointError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder "
+                              f"(no {STATE}); pass a checkpoint-N folder or 'latest'")
+    try:
+        check_checkpoint(path, cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume_from_checkpoint {spec}: {e}; pass an earlier checkpoint-N or 'latest'") from None
     return path
 
 
@@ -93,16 +175,24 @@ def save_checkpoint(output_dir: str | Path, step: int, write_weights, optimizer,
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_weights(tmp)
-    torch.save(getattr(optimizer, "optimizer", optimizer).state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-    if scaler is not None:  # its loss scale and growth tracker: an fp16 resume equals a straight fp16 run
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    version, internal, gauss = random.getstate()
-    torch.save({"torch": torch.get_rng_state(), "python": torch.tensor(internal, dtype=torch.int64),
-                **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}, tmp / "rng_state.pt")
-    (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2))  # written last: marks it complete
+    try:
+        tmp.mkdir(parents=True)
+        write_weights(tmp)
+        torch.save(getattr(optimizer, "optimizer", optimizer).state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:  # its loss scale and growth tracker: an fp16 resume equals a straight fp16 run
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        version, internal, gauss = random.getstate()
+        torch.save({"torch": torch.get_rng_state(), "python": torch.tensor(internal, dtype=torch.int64),
+                    **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
+                   tmp / "rng_state.pt")
+        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2))  # written last: marks it complete
+    except (OSError, RuntimeError) as e:  # a full disk or a file size limit; torch wraps some as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(out)
+        raise WriteError(f"could not write {final} ({_reason(e)}); the last good checkpoint, "
+                         f"{kept[-1].name if kept else 'none'}, is kept. Free space, then run the same command with "
+                         f"--resume_from_checkpoint latest") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -113,6 +203,14 @@ def save_checkpoint(output_dir: str | Path, step: int, write_weights, optimizer,
     if os.environ.get(KILL_AFTER_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)  # a crash at a known point, for the kill -9 resume test
     return final
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror  # "No space left on device", "File too large"
+    # torch.save's zip writer reports a failed write as a RuntimeError without errno
+    # ("[enforce fail at inline_container.cc] unexpected pos ...")
+    return "a file write failed: the disk is full or a file size limit was reached"
 
 
 def load_checkpoint(path: Path, load_weights, optimizer, lr_scheduler, scaler=None) -> dict:

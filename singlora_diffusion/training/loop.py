@@ -159,7 +159,8 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
         if accelerator.is_main_process:
             path = save_checkpoint(output_dir, at, write, optimizer, lr_scheduler,
                                    {"samples_seen": at_step_end, "seed": cfg.seed, "num_processes": world,
-                                    "max_train_steps": cfg.max_train_steps, "ramp_up_steps": trainee.ramp_up_steps},
+                                    "max_train_steps": cfg.max_train_steps, "ramp_up_steps": trainee.ramp_up_steps,
+                                    "adapter": cfg.adapter, "rank": cfg.rank},
                                    cfg.checkpoints_total_limit, accelerator.scaler)
         accelerator.wait_for_everyone()
         return path or output_dir / f"checkpoint-{at}"
@@ -221,6 +222,9 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
             if accelerator.is_main_process:
                 write_progress(output_dir, step=step, total=cfg.max_train_steps, loss=logs.get("loss"),
                                validation_image=str(validation_images[0]) if validation_images else None)
+    except Exception:
+        bar.close()  # the error message gets a line of its own, not the end of the bar's
+        raise
     except KeyboardInterrupt:
         bar.close()
         last_ckpt = checkpoint(step) if step > 0 else last_ckpt

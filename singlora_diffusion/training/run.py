@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .build import Inputs, Trainee, build, validate
-from .checkpoint import reconcile_resume, resolve_resume
+from .checkpoint import WriteError, reconcile_resume, resolve_resume
 from .config import TrainConfig
 from .loop import fit
 from .weights import write_final
@@ -96,7 +96,8 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
         cfg.seed = random.SystemRandom().randrange(2 ** 31)  # drawn once, saved in config.yaml
     accelerator = make_accelerator(cfg)
     output_dir = Path(cfg.output_dir)
-    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint, cfg,
+                            log=print if accelerator.is_main_process else lambda line: None)
     if resume is not None:
         note = reconcile_resume(cfg, resume)
         if note and accelerator.is_main_process:
@@ -115,7 +116,11 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
     result = fit(cfg, trainee, inputs, accelerator, resume=resume)
     files: dict[str, Path] = {}
     if not result.interrupted and accelerator.is_main_process:
-        files = write_final(trainee, output_dir, cfg.pretrained_model_name_or_path, cfg)
+        try:
+            files = write_final(trainee, output_dir, cfg.pretrained_model_name_or_path, cfg)
+        except OSError as e:
+            raise WriteError(f"could not write the final adapter in {output_dir} ({e.strerror or e}); the last "
+                             f"checkpoint, {result.last_checkpoint}, is complete: free space, then resume from it") from None
         files["config"] = output_dir / "config.yaml"
         files["checkpoint"] = result.last_checkpoint
         files.update(write_model_card(cfg, trainee, output_dir))
@@ -133,4 +138,5 @@ def main(argv: list[str] | None = None) -> int:
     from ..dataclass_cli import run_command
     from .config import parse_config
 
-    return run_command("train_dreambooth.py", lambda: train(parse_config(argv)), (ValueError, FileNotFoundError, PermissionError, ImportError))
+    user_errors = (ValueError, FileNotFoundError, PermissionError, ImportError, WriteError)
+    return run_command("train_dreambooth.py", lambda: train(parse_config(argv)), user_errors)
