@@ -198,10 +198,20 @@ def decode_in_vae_dtype(vae):
 
 def render(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float = 7.5,
            negative_prompt: str | None = None, width: int | None = None, height: int | None = None,
-           num_images: int = 1, output_type: str = "pil"):
-    """Images (or latents) for one prompt with a seeded CPU generator, so runs are reproducible anywhere."""
+           num_images: int = 1, output_type: str = "pil", on_step=None):
+    """Images (or latents) for one prompt with a seeded CPU generator, so runs are reproducible anywhere.
+
+    on_step(steps_done, steps) runs after every denoising step; an exception it
+    raises stops the render there (the web UI's cancel).
+    """
     generator = torch.Generator("cpu").manual_seed(seed)
+    extra = {}
+    if on_step is not None:
+        def callback(_pipe, index, _timestep, tensors):
+            on_step(index + 1, steps)
+            return tensors
+        extra["callback_on_step_end"] = callback
     with decode_in_vae_dtype(pipe.vae):
         return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                     width=width, height=height, num_images_per_prompt=num_images, generator=generator,
-                    output_type=output_type).images
+                    output_type=output_type, **extra).images

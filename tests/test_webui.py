@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from singlora_diffusion.format import save_adapter
+from singlora_diffusion.webui.requests import GenerateRequest
 
 from .helpers import adapted_pipeline
 
@@ -79,30 +80,153 @@ def test_strength_zero_is_the_base_model(ui):
     assert torch.equal(pixels(call(client, strength=0.0)[0]), pixels(plain[0]))
 
 
-def test_upload_accepted_and_rejected(ui, tmp_path):
+def status_after_upload(client, path, partial=False):
     from gradio_client import handle_file
 
-    client, _, adapters, _ = ui
-    good = tmp_path / "uploaded_dog.safetensors"
-    shutil.copyfile(adapters / "dog.safetensors", good)
-    dropdown, status = client.predict(handle_file(str(good)), api_name="/upload_adapter")
-    assert "uploads/uploaded_dog.safetensors" in status
+    return client.predict(handle_file(str(path)), partial, api_name="/upload_adapter")[1]
+
+
+def uploads_of(adapters) -> dict[str, bytes]:
+    folder = adapters / "uploads"
+    return {p.name: p.read_bytes() for p in folder.glob("*.safetensors")} if folder.is_dir() else {}
+
+
+def test_same_name_uploads_never_overwrite(ui, tmp_path):
     from singlora_diffusion.export import export_kohya
 
-    kohya = export_kohya(adapters / "dog.safetensors", tmp_path / "dog_kohya.safetensors")  # a standard LoRA file
-    _, status = client.predict(handle_file(str(kohya)), api_name="/upload_adapter")
-    assert "uploads/dog_kohya.safetensors" in status
-    assert len(call(client)) == 1
-    bad = tmp_path / "not_an_adapter.safetensors"
-    save_file({"some.weight": torch.zeros(3, 3)}, str(bad))
-    with pytest.raises(Exception, match="not an adapter for this base model"):
-        client.predict(handle_file(str(bad)), api_name="/upload_adapter")
-    assert not (adapters / "uploads" / bad.name).exists()
+    client, app, adapters, _ = ui
+    first, second = tmp_path / "a" / "mine.safetensors", tmp_path / "b" / "mine.safetensors"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    shutil.copyfile(adapters / "dog.safetensors", first)
+    export_kohya(adapters / "dog.safetensors", second)  # other bytes, same name (a standard LoRA file)
+    status = status_after_upload(client, first)
+    assert "uploads/mine-" in status
+    image_first = pixels(call(client)[0])
+    status = status_after_upload(client, second)
+    kept = uploads_of(adapters)
+    assert len([n for n in kept if n.startswith("mine-")]) == 2  # both files, each under its own name
+    loaded = app.engine.adapter
+    assert loaded.read_bytes() == second.read_bytes() and loaded.name in status
+    # a broken file under the same name: refused, every earlier file and the loaded adapter as they were
+    broken = tmp_path / "c" / "mine.safetensors"
+    broken.parent.mkdir()
+    broken.write_bytes(first.read_bytes()[:1000])
+    with pytest.raises(Exception, match="not an adapter"):
+        status_after_upload(client, broken)
+    assert uploads_of(adapters) == kept and app.engine.adapter == loaded
+    assert not list((adapters / "uploads" / ".incoming").iterdir())
+    # uploading the first file again loads it again (same bytes: the same stored file)
+    status_after_upload(client, first)
+    assert uploads_of(adapters) == kept
+    assert torch.equal(pixels(call(client)[0]), image_first)
+
+
+def test_bad_files_are_refused_with_the_previous_adapter_kept(ui, tmp_path):
+    from .bad_files import LORA, SINGLORA, write_bad_files
+
+    client, app, adapters, root = ui
+    bad = write_bad_files(adapters / "dog.safetensors", tmp_path / "bad")
+    client.predict("dog.safetensors", api_name="/choose_adapter")
+    reference = pixels(call(client)[0])
+    before = uploads_of(adapters)
+    for name, fragment in {**SINGLORA, **LORA}.items():
+        with pytest.raises(Exception) as e:
+            status_after_upload(client, bad[name])
+        message = str(e.value)
+        expected = "keys fit no layer" if name == "wrong_arch" else fragment
+        assert expected in message, (name, message)
+        assert str(root) not in message and str(tmp_path) not in message and "/tmp" not in message, message
+        assert uploads_of(adapters) == before and app.engine.adapter == adapters / "dog.safetensors", name
+    assert torch.equal(pixels(call(client)[0]), reference)  # still the same adapter, really loaded
+    for name, count in (("wrong_arch", "64 of 108"), ("kohya_partial", "76 of 108")):  # on request, with counts
+        assert f"partial load: {count}" in status_after_upload(client, bad[name], partial=True)
     pickle = tmp_path / "evil.safetensors"
     torch.save({"x": 1}, pickle)  # pickled bytes under a safetensors name: never unpickled
     with pytest.raises(Exception, match="not an adapter"):
-        client.predict(handle_file(str(pickle)), api_name="/upload_adapter")
-    assert len(call(client)) == 1  # the app keeps working
+        status_after_upload(client, pickle)
+    client.predict("dog.safetensors", api_name="/choose_adapter")
+
+
+def test_over_budget_request_is_refused_at_once(ui, monkeypatch):
+    import psutil
+
+    client, app, _, _ = ui
+    rendered = []
+    monkeypatch.setattr(app.engine, "_render", lambda *a, **k: rendered.append(a))
+    rss = psutil.Process().memory_info().rss
+    with pytest.raises(Exception, match="the limit is 600 s per request"):  # the UI's own maxima
+        client.predict("a dog", "", 1, 7.5, 0, 8, 2048, 2048, 1.0, api_name="/generate")
+    assert not rendered and psutil.Process().memory_info().rss - rss < 200 * 2 ** 20
+    cost = app.engine.cost(GenerateRequest("a dog", steps=1, num_images=8, width=2048, height=2048))
+    small = app.engine.cost(GenerateRequest("a dog", steps=1, num_images=1, width=64, height=64))
+    assert cost.flops > 1e5 * small.flops  # 1024x the pixels, 8x the images, attention quadratic in pixels
+
+
+def test_cost_model_counts_what_the_unet_really_computes(ui):
+    """FLOPs of one UNet step on the meta device against torch's counter on the real model."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from singlora_diffusion.webui.budget import _count
+
+    client, app, _, _ = ui
+    client.predict("", api_name="/choose_adapter")  # the base UNet, as the cost model has it
+    engine = app.engine
+    unet = engine.pipe.unet
+    counted, _ = _count(engine.cost_model._unet_step(2, 16, 16))
+    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 77, unet.config.cross_attention_dim)
+    counter = FlopCounterMode(display=False)
+    # the math kernel: attention as plain matmuls, each counted (the fused CPU kernel is not)
+    with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
+        unet(x, torch.tensor(10), text)
+    assert counted == pytest.approx(counter.get_total_flops(), rel=1e-6)
+
+
+def wait_until(condition, seconds=120):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+def test_cancel_stops_a_running_generation(ui):
+    client, app, _, _ = ui
+    client.predict("", api_name="/choose_adapter")
+    job = client.submit("a dog", "", 150, 7.5, 0, 1, 128, 128, 1.0, api_name="/generate")
+    wait_until(lambda: app.engine.progress[0] >= 2)
+    assert client.predict(api_name="/cancel_generation") == "Cancelling after this step."
+    with pytest.raises(Exception, match=r"Cancelled after step \d+ of 150"):
+        job.result(timeout=120)
+    assert app.engine.progress == (0, 0)
+    assert len(call(client)) == 1  # the next request runs normally
+
+
+def test_a_switch_during_a_generation_does_not_change_its_image(ui):
+    client, app, _, _ = ui
+    client.predict("", api_name="/choose_adapter")
+    args = ("a dog", "", 40, 7.5, 3, 1, 128, 128, 1.0)
+    reference = pixels(client.predict(*args, api_name="/generate")[0])
+    job = client.submit(*args, api_name="/generate")
+    wait_until(lambda: app.engine.progress[0] >= 1)
+    switch = client.submit("dog.safetensors", api_name="/choose_adapter")  # waits in the same line
+    image = pixels(job.result(timeout=300)[0])
+    assert "dog.safetensors" in switch.result(timeout=300)
+    assert torch.equal(image, reference)  # rendered from start to end with the base model
+    assert app.engine.adapter.name == "dog.safetensors"
+    client.predict("", api_name="/choose_adapter")
+
+
+def test_generated_images_are_pruned(ui):
+    client, app, _, _ = ui
+    keep = app.engine.keep_images
+    app.engine.keep_images = 2
+    try:
+        for seed in (1, 2, 3):
+            call(client, seed=seed)
+        assert len(list(app.engine.out_dir.glob("*.png"))) == 2
+    finally:
+        app.engine.keep_images = keep
 
 
 def test_path_traversal_is_refused(ui):
@@ -116,6 +240,9 @@ def test_path_traversal_is_refused(ui):
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(steps=0), "steps must be a whole number from 1"),
+    (dict(steps=1e9), "steps must be a whole number from 1 to 150"),
+    (dict(n=1e9), "num images must be a whole number from 1 to 8"),
+    (dict(guidance=31), "guidance must be between 0 and 30"),
     (dict(width=70), "width must be divisible by 8"),
     (dict(height=100000), "height must be a whole number from 64 to 2048"),
     (dict(strength=3.0), "greater than maximum value 1.5"),  # the slider itself refuses
@@ -124,6 +251,15 @@ def test_bad_input_gets_a_message(ui, overrides, message):
     client, _, _, _ = ui
     with pytest.raises(Exception, match=message):
         call(client, **overrides)
+
+
+@pytest.mark.parametrize("field", ["steps", "num_images", "width", "guidance", "strength", "seed"])
+def test_nan_and_inf_fields_are_refused(field):
+    from singlora_diffusion.webui.requests import BadRequest
+
+    for value in (float("nan"), float("inf"), None):  # what a script (not the browser) can send
+        with pytest.raises(BadRequest, match=field.split("_")[0]):
+            GenerateRequest("a dog", **{field: value})
 
 
 def test_empty_prompt(ui):
@@ -138,10 +274,10 @@ def test_concurrent_requests_run_one_at_a_time(ui, monkeypatch):
     client.predict("", api_name="/choose_adapter")
     intervals, real = [], app.engine._render
 
-    def probe(req, tag):
+    def probe(req, tag, report=None):
         start = time.monotonic()
         try:
-            return real(req, tag)
+            return real(req, tag, report)
         finally:
             intervals.append((start, time.monotonic()))
     monkeypatch.setattr(app.engine, "_render", probe)
@@ -168,6 +304,29 @@ def test_adapter_list_holds_adapter_files_only(ui):
     assert not any(name.startswith("evaluations/") or name == "broken.safetensors" for name in listed)
 
 
+def test_train_and_evaluate_fields_are_bounded_and_failed_starts_leave_no_folder(ui):
+    client, _, adapters, _ = ui
+    runs = lambda: sorted((adapters / "runs").iterdir()) if (adapters / "runs").is_dir() else []  # noqa: E731
+    before = runs()
+    with pytest.raises(Exception, match="steps must be a whole number from 1 to 100000"):
+        client.predict(None, "subject", "a photo of sks dog", "dog", "demo", 1e9, api_name="/train")
+    with pytest.raises(Exception, match="Upload 3-10 photos or give a folder"):
+        client.predict(None, "", "a photo of sks dog", "dog", "demo", 2, api_name="/train")
+    assert runs() == before
+    with pytest.raises(Exception, match="images per prompt must be a whole number from 1 to 8"):
+        client.predict("dog.safetensors", "eval_subject", "dog", "", 1e9, 2, True, api_name="/evaluate")
+    with pytest.raises(Exception, match="steps must be a whole number from 1 to 150"):
+        client.predict("dog.safetensors", "eval_subject", "dog", "", 1, -3, True, api_name="/evaluate")
+
+
+def test_folders_made_in_the_same_second_are_distinct(tmp_path):
+    from singlora_diffusion.webui.requests import unique_dir
+
+    made = [unique_dir(tmp_path, "20261201-120000") for _ in range(3)]
+    assert [p.name for p in made] == ["20261201-120000", "20261201-120000-2", "20261201-120000-3"]
+    assert all(p.is_dir() for p in made)
+
+
 def test_train_tab_class_sets_prompt_and_folder_for_every_preset(tmp_path):
     from singlora_diffusion.webui.app import class_args
     from singlora_diffusion.webui.requests import BadRequest
@@ -180,8 +339,8 @@ def test_train_tab_class_sets_prompt_and_folder_for_every_preset(tmp_path):
     assert class_args("demo", "", tmp_path) == []  # the demo trains without class images
 
 
-def test_train_tab_trains_cancels_and_lists_the_adapter(ui):
-    client, _, adapters, root = ui
+def test_train_tab_trains_cancels_and_lists_the_adapter(ui, monkeypatch):
+    client, app, adapters, root = ui
     subject = adapters / "subject"
     shutil.copytree(Path(__file__).resolve().parents[1] / "singlora_diffusion/assets/dog3", subject)
     assert "Training in" in client.predict(None, "subject", "a photo of sks dog", "dog", "demo", 2, api_name="/train")
@@ -194,10 +353,27 @@ def test_train_tab_trains_cancels_and_lists_the_adapter(ui):
     assert any(a.startswith("runs/") and a.endswith("singlora_weights.safetensors") for a in list_adapters(adapters))
     # cancelling a long run keeps a checkpoint
     client.predict(None, "subject", "a photo of sks dog", "dog", "demo", 100000, api_name="/train")
-    run = max((adapters / "runs").iterdir())
+    run = max((adapters / "runs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
     while not (run / "progress.json").exists():
         assert time.time() < deadline
         time.sleep(0.5)
+    # while it trains, the server and the trainer each use their share of the cores
+    from singlora_diffusion.webui.jobs import thread_share
+
+    server, trainer = thread_share(os.cpu_count())
+    environ = Path(f"/proc/{app.training['job'].proc.pid}/environ").read_bytes().split(b"\0")
+    assert f"OMP_NUM_THREADS={trainer}".encode() in environ
+    from singlora_diffusion.webui import engine as engine_module
+
+    seen, real_render = [], engine_module.render
+
+    def probe(*args, **kwargs):
+        seen.append(torch.get_num_threads())  # in the thread that renders (OpenMP's count is per thread)
+        return real_render(*args, **kwargs)
+    monkeypatch.setattr(engine_module, "render", probe)
+    call(client)
+    assert seen == [server]
+    monkeypatch.undo()
     client.predict(api_name="/cancel_training")
     while not client.predict(api_name="/training_status")[0].startswith("cancelled"):
         assert time.time() < deadline

@@ -25,8 +25,24 @@ class Status:
     message: str = ""
 
 
+def thread_share(cores: int) -> tuple[int, int]:
+    """CPU threads for (the server, a training run) while both work.
+
+    Each torch process otherwise starts one thread per core, and two processes
+    that each use every core slow each other far more than 2x.
+    """
+    trainer = max(1, cores // 2)
+    return max(1, cores - trainer), trainer
+
+
+def threads_env(threads: int | None) -> dict[str, str]:
+    if threads is None:
+        return {}
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # torch reads them at start
+
+
 class TrainingJob:
-    def __init__(self, output_dir: Path, args: list[str]):
+    def __init__(self, output_dir: Path, args: list[str], threads: int | None = None):
         self.output_dir = Path(output_dir)
         self.log = self.output_dir / "webui-train.log"
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +50,7 @@ class TrainingJob:
         cmd = [sys.executable, "-m", "singlora_diffusion.training", *args, "--output_dir", str(self.output_dir)]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.output_dir,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **threads_env(threads)})
         self.cancelled = False
 
     def cancel(self) -> None:

@@ -2,14 +2,31 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 MAX_SIDE, MAX_IMAGES, MAX_STEPS = 2048, 8, 150
+MAX_TRAIN_STEPS = 100_000
 
 
 class BadRequest(ValueError):
     """A user mistake; its message is shown in the UI as is."""
+
+
+def whole(name: str, value, low: int, high: int) -> int:
+    """A whole number in [low, high] from a form field (which may hold None, NaN, 1e9 or 2.5)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or int(value) != value or not low <= value <= high:
+        raise BadRequest(f"{name} must be a whole number from {low} to {high}, got {value}.")
+    return int(value)
+
+
+def between(name: str, value, low: float, high: float) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low:g} and {high:g}, got {value}.")
+    return float(value)
 
 
 @dataclass
@@ -30,19 +47,14 @@ class GenerateRequest:
             raise BadRequest("Type a prompt first.")
         for name, low, high in (("steps", 1, MAX_STEPS), ("num_images", 1, MAX_IMAGES), ("width", 64, MAX_SIDE),
                                 ("height", 64, MAX_SIDE)):
-            value = getattr(self, name)
-            if value is None or int(value) != value or not low <= value <= high:
-                raise BadRequest(f"{name.replace('_', ' ')} must be a whole number from {low} to {high}, got {value}.")
-            setattr(self, name, int(value))
+            setattr(self, name, whole(name.replace("_", " "), getattr(self, name), low, high))
         for name in ("width", "height"):
             if getattr(self, name) % 8:
                 raise BadRequest(f"{name} must be divisible by 8 (the VAE works on 8x8 blocks), "
                                  f"got {getattr(self, name)}.")
-        if not 0 <= float(self.guidance) <= 30:
-            raise BadRequest(f"guidance must be between 0 and 30, got {self.guidance}.")
-        if not 0 <= float(self.strength) <= 1.5:
-            raise BadRequest(f"adapter strength must be between 0 and 1.5, got {self.strength}.")
-        self.seed = int(self.seed) % 2 ** 32
+        self.guidance = between("guidance", self.guidance, 0, 30)
+        self.strength = between("adapter strength", self.strength, 0, 1.5)
+        self.seed = whole("seed", self.seed, -2 ** 63, 2 ** 63) % 2 ** 32
 
     def metadata(self, **extra) -> str:
         return json.dumps({**asdict(self), **extra})
@@ -57,5 +69,28 @@ def confine(root: str | Path, user_path: str) -> Path:
     candidate = Path(user_path or "")
     path = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if path != root and root not in path.parents:
-        raise BadRequest(f"{user_path!r} is outside the allowed folder {root}; pick a path inside it.")
+        raise BadRequest(f"{user_path!r} is outside the allowed folder; pick a path inside it.")
     return path
+
+
+def unique_dir(parent: Path, stem: str) -> Path:
+    """parent/stem, or stem-2, stem-3, ...: created here, so two requests in one second never share one."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 10_000):
+        path = parent / (stem if i == 1 else f"{stem}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise BadRequest(f"too many folders named {stem} in {parent.name}; clean it up")
+
+
+def scrub_paths(message: str, roots: dict[str, Path]) -> str:
+    """A message without server paths: paths under a root become relative ("runs/..."), any other absolute
+    path only its last part."""
+    import re
+
+    for label, root in roots.items():
+        message = message.replace(str(root) + "/", label).replace(str(root), label.rstrip("/") or ".")
+    return re.sub(r"(?<![\w.])/(?:[^\s'\"():,;]+/)+([^\s'\"():,;/]+)", r"\1", message)
