@@ -90,3 +90,17 @@ def test_merge_refuses_an_overflow_and_keeps_the_earlier_folder(files, tmp_path,
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     code, err = run(argv[:-1] + [str(tmp_path / "notes")], capsys)
     assert code == 2 and "is not a pipeline folder" in err[0] and (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["nan", "rank_lie", "empty", "kohya_nan", "kohya_empty"])
+def test_evaluate_refuses_a_bad_adapter_before_any_model(name, files, tmp_path, monkeypatch, capsys):
+    from singlora_diffusion.bundled import bundled_subject
+    from singlora_diffusion.evaluation import run as evaluation
+
+    _, _, bad = files
+    for loader in ("load_base", "load_scorer"):
+        monkeypatch.setattr(evaluation, loader, lambda *a, **k: pytest.fail("a model was loaded"))
+    code = evaluation.main(["--adapter", str(bad[name]), "--subject_dir", str(bundled_subject()), "--out",
+                            str(tmp_path / "r"), "--allow_random_weights"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate.py")]
+    assert code == 2 and len(err) == 1 and {**SINGLORA, **LORA}[name] in err[0], err

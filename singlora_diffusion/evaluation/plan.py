@@ -100,6 +100,9 @@ def _subject(cfg: EvalConfig, name: str, photos_dir: Path, bench, templates, ada
     if cfg.prompts == "dreambench":
         templates = bench.templates_for(class_name)
     if adapter is not None:
+        from ..generate import check_adapter_file
+
+        check_adapter_file(adapter)  # NaN, a lying header, an empty file: refused before any model loads
         _warn_identifier(adapter, cfg.identifier)
     prompts = make_prompts(templates, cfg.identifier, class_name or "")
     return Subject(name, class_name, photos, prompts, adapter)
