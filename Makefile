@@ -43,6 +43,7 @@ bench: venv
 	$(PY) -m bench.adapter_overhead
 	$(PY) -m bench.trainer_throughput
 	$(PY) -m bench.eval_throughput
+	$(PY) -m bench.budget
 
 # Peak memory at real size (SD1.5 512 px, SDXL 1024 px; ~35 min). DIFFUSERS_SCRIPTS: a folder with
 # copies of diffusers' train_dreambooth_lora.py and train_dreambooth_lora_sdxl.py, to run beside ours.

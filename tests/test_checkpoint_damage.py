@@ -63,6 +63,18 @@ def test_latest_falls_back_past_a_damaged_checkpoint(kind, run, tmp_path):
     assert "\n" not in str(e.value) and "pass an earlier checkpoint-N or 'latest'" in str(e.value)
 
 
+def test_latest_with_every_checkpoint_damaged_stops_instead_of_starting_over(run, tmp_path):
+    base, good = run
+    out = tmp_path / "run"
+    shutil.copytree(good, out)
+    for step in (2, 4):
+        (out / f"checkpoint-{step}" / "rng_state.pt").write_bytes(b"")
+    lines = []
+    with pytest.raises(CheckpointError, match="none of the 2 checkpoints"):
+        resolve_resume(out, "latest", tiny_config(base, out), log=lines.append)
+    assert len(lines) == 2 and all("skipping" in line for line in lines)
+
+
 def test_resume_latest_trains_on_from_the_last_good_checkpoint(run, tmp_path, capsys):
     base, good = run
     out = tmp_path / "run"

@@ -37,6 +37,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the file and says what to do."""
 
 
+class SettingsMismatch(CheckpointError):
+    """A whole checkpoint written with settings this run cannot continue (another rank or adapter)."""
+
+
 class WriteError(RuntimeError):
     """An output could not be written (full disk, file size limit); nothing complete was lost."""
 
@@ -70,7 +74,8 @@ def check_checkpoint(path: Path, cfg=None) -> dict:
             if missing:
                 raise ValueError(f"it lacks {missing[0]!r}")
         except Exception as e:  # torch raises several types for truncated or foreign files
-            raise CheckpointError(f"{path / name} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path / name} is damaged ({why})") from None
     if (path / "scaler.pt").exists():  # fp16 runs
         try:
             torch.load(path / "scaler.pt", weights_only=True)["scale"]
@@ -92,7 +97,7 @@ def check_checkpoint(path: Path, cfg=None) -> dict:
                      (int(metadata["rank"]) if "rank" in metadata else None)}
             for key, value in saved.items():
                 if value is not None and value != getattr(cfg, key):
-                    raise CheckpointError(f"{path} was written with --{key} {value}, this run has --{key} "
+                    raise SettingsMismatch(f"{path} was written with --{key} {value}, this run has --{key} "
                                           f"{getattr(cfg, key)}: resume with --{key} {value}, or train into a new "
                                           f"--output_dir")
     return state
@@ -102,7 +107,9 @@ def resolve_resume(output_dir: str | Path, spec: str | None, cfg=None, log=print
     """The checkpoint to resume from: `latest` is the newest one that reads back whole.
 
     A damaged checkpoint (a truncated file, a crash between files) is skipped
-    with one line saying why; a checkpoint named explicitly must be whole.
+    with one line saying why; a checkpoint named explicitly must be whole. When
+    checkpoints exist but none is whole, the run stops rather than start over
+    (a fresh run would replace them).
     """
     if not spec:
         return None
@@ -112,12 +119,15 @@ def resolve_resume(output_dir: str | Path, spec: str | None, cfg=None, log=print
             try:
                 check_checkpoint(path, cfg)
                 return path
+            except SettingsMismatch:
+                raise  # an older checkpoint has the same settings: nothing to fall back to
             except CheckpointError as e:
-                if "this run has --" in str(e):
-                    raise  # a settings mismatch: an older checkpoint has the same settings
                 log(f"--resume_from_checkpoint latest: skipping {path.name}: {e}")
-        log(f"--resume_from_checkpoint latest: no {'usable ' if found else ''}checkpoint in {output_dir}, "
-            f"starting from scratch")
+        if found:
+            raise CheckpointError(f"--resume_from_checkpoint latest: none of the {len(found)} checkpoints in "
+                                  f"{output_dir} reads back whole (see above); move them away to start over, "
+                                  f"or train into a new --output_dir")
+        log(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}, starting from scratch")
         return None
     path = Path(spec)
     if not (path / STATE).is_file():
