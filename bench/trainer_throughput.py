@@ -26,13 +26,12 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.runs import ROOT, trainer_flags
+from bench.runs import in_fresh_process, trainer_flags
 
 NO_CACHE = ["--cache_latents", "false", "--cache_text_embeddings", "false"]
 # name -> (trainer, extra flags, what is encoded once instead of every step)
@@ -99,13 +98,11 @@ def run_one(name: str, s: dict, base: str, script: str | None) -> dict:
     trainer, extra, _ = CONFIGS[name]
     n_steps = s["warmup"] + s["steps"]
     with tempfile.TemporaryDirectory(prefix="singlora-bench-") as tmp:
-        spec = dict(trainer=trainer, script=script, threads=cores(), result=f"{tmp}/result.json",
+        spec = dict(trainer=trainer, script=script, threads=cores(),
                     argv=trainer_flags(trainer, base, s["resolution"], n_steps, f"{tmp}/out") + extra)
-        proc = subprocess.run([sys.executable, "-m", "bench.trainer_throughput", "--child", json.dumps(spec)],
-                              cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if proc.returncode != 0 or not Path(spec["result"]).is_file():  # e.g. a script that calls sys.exit(0)
-            return dict(error=f"{name} exited {proc.returncode}:\n{proc.stderr[-1500:]}")
-        r = json.loads(Path(spec["result"]).read_text())
+        r = in_fresh_process("bench.trainer_throughput", spec, tmp)
+    if "error" in r:
+        return dict(error=f"{name}: {r['error']}")
     if len(r["stamps"]) != n_steps:
         return dict(error=f"{name}: expected {n_steps} optimizer steps, saw {len(r['stamps'])}")
     times = [b - a for a, b in zip(r["stamps"][s["warmup"] - 1:], r["stamps"][s["warmup"]:])]

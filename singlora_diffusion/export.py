@@ -105,10 +105,10 @@ def merge_into_pipeline(base: str | os.PathLike, adapter_path: str | os.PathLike
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
         raise ValueError(f"{out_dir} exists and is not a pipeline folder; give a new folder (nothing was written)")
-    read_adapter(adapter_path)  # validate the file before loading the (large) base
+    adapter = read_adapter(adapter_path)  # read and checked before the (large) base loads
     pipe = load_pipeline(base, dtype=dtype)
     components = pipeline_components(pipe)
-    adapter = load_adapter(components, adapter_path, allow_partial)
+    adapter = load_adapter(components, adapter, allow_partial)
     if adapter.skipped:
         log(f"{adapter_path}: partial merge: {len(adapter.tensors) - len(adapter.skipped)} of "
             f"{len(adapter.tensors)} modules fit this base; {len(adapter.skipped)} skipped, e.g. {adapter.skipped[0]}")

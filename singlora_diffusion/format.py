@@ -14,6 +14,7 @@ split non-square layers without the base model). Weights are never unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -175,7 +176,7 @@ def _number(adapter: AdapterFile, key: str, kind, low, what: str):
         value = kind(adapter.metadata[key])
     except ValueError:
         value = None
-    if value is None or value != value or value in (float("inf"), float("-inf")) or value < low:
+    if value is None or not math.isfinite(value) or value < low:
         raise ValueError(f"{adapter.path}: metadata {key}={adapter.metadata[key]!r}; expected {what}. The file is "
                          f"damaged or was edited by hand: re-export it from its training run")
     return value
@@ -229,14 +230,11 @@ def _validate_against(adapter: AdapterFile, components: dict[str, nn.Module],
     a partial load is then reported by the caller with counts.
     """
     plan: dict[str, dict[str, torch.Tensor]] = {}
-    skipped: list[str] = []
+    misfits: list[tuple[str, str]] = []  # (key, why)
     trained_on = adapter.metadata.get("base_model")
 
-    first: list[str] = []
-
     def misfit(message: str, key: str) -> None:
-        skipped.append(key)
-        first.append(message)
+        misfits.append((key, message))
 
     for component, entries in adapter.by_component().items():
         model = components.get(component)
@@ -258,21 +256,23 @@ def _validate_against(adapter: AdapterFile, components: dict[str, nn.Module],
                        f"{expected}", key)
                 continue
             plan.setdefault(component, {})[name] = A
-    if skipped and (not plan or not allow_partial):
-        fitting = len(adapter.tensors) - len(skipped)
-        raise ValueError(f"{adapter.path}: {len(skipped)} of its {len(adapter.tensors)} keys fit no layer of this base, "
-                         f"e.g. {first[0]} (wrong base model? the file was trained on {trained_on})"
+    if misfits and (not plan or not allow_partial):
+        fitting = len(adapter.tensors) - len(misfits)
+        raise ValueError(f"{adapter.path}: {len(misfits)} of its {len(adapter.tensors)} keys fit no layer of this base, "
+                         f"e.g. {misfits[0][1]} (wrong base model? the file was trained on {trained_on})"
                          + (f"; pass --allow_partial to load the {fitting} that fit" if fitting else ""))
-    return plan, skipped
+    return plan, [key for key, _ in misfits]
 
 
-def load_adapter(components: dict[str, nn.Module], path: str | os.PathLike, allow_partial: bool = False) -> AdapterFile:
+def load_adapter(components: dict[str, nn.Module], source: str | os.PathLike | AdapterFile,
+                 allow_partial: bool = False) -> AdapterFile:
     """Inject the file's layers into `components` and restore A, α, T and the step exactly.
 
+    `source`: a path, or an AdapterFile already read (and checked) by read_adapter.
     Checks every key against the base before touching any model. With
     allow_partial, keys that fit no layer are left out and listed in `.skipped`.
     """
-    adapter = read_adapter(path)
+    adapter = source if isinstance(source, AdapterFile) else read_adapter(source)
     plan, adapter.skipped = _validate_against(adapter, components, allow_partial)
     for component, entries in plan.items():
         model = components[component]

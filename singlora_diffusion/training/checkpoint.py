@@ -200,7 +200,7 @@ def save_checkpoint(output_dir: str | Path, step: int, write_weights, optimizer,
     except (OSError, RuntimeError) as e:  # a full disk or a file size limit; torch wraps some as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(out)
-        raise WriteError(f"could not write {final} ({_reason(e)}); the last good checkpoint, "
+        raise WriteError(f"could not write {final} ({write_failure(e)}); the last good checkpoint, "
                          f"{kept[-1].name if kept else 'none'}, is kept. Free space, then run the same command with "
                          f"--resume_from_checkpoint latest") from None
     if final.exists():
@@ -215,7 +215,8 @@ def save_checkpoint(output_dir: str | Path, step: int, write_weights, optimizer,
     return final
 
 
-def _reason(e: BaseException) -> str:
+def write_failure(e: BaseException) -> str:
+    """Why a write failed, in words: errno's text, or what torch.save's errno-less error means."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror  # "No space left on device", "File too large"
     # torch.save's zip writer reports a failed write as a RuntimeError without errno

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .build import Inputs, Trainee, build, validate
-from .checkpoint import WriteError, reconcile_resume, resolve_resume
+from .checkpoint import WriteError, reconcile_resume, resolve_resume, write_failure
 from .config import TrainConfig
 from .loop import fit
 from .weights import write_final
@@ -119,7 +119,7 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
         try:
             files = write_final(trainee, output_dir, cfg.pretrained_model_name_or_path, cfg)
         except OSError as e:
-            raise WriteError(f"could not write the final adapter in {output_dir} ({e.strerror or e}); the last "
+            raise WriteError(f"could not write the final adapter in {output_dir} ({write_failure(e)}); the last "
                              f"checkpoint, {result.last_checkpoint}, is complete: free space, then resume from it") from None
         files["config"] = output_dir / "config.yaml"
         files["checkpoint"] = result.last_checkpoint

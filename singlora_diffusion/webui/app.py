@@ -69,6 +69,7 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
     server_threads, trainer_threads = thread_share(os.cpu_count() or 1)
 
     def _request(prompt, negative, steps, guidance, seed, n, width, height, strength):
+        engine.threads = server_threads if _training() else None  # the trainer has the other cores
         return GenerateRequest(prompt, negative, steps, guidance, seed, n, width, height, strength)
 
     def _errors(fn):
@@ -78,7 +79,7 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
             try:
                 return fn(*args, **kwargs)
             except BadRequest as e:
-                raise gr.Error(scrub_paths(str(e), {"": adapters_dir})) from None
+                raise gr.Error(scrub_paths(str(e), adapters_dir)) from None
         return wrapped
 
     def _training() -> bool:
@@ -117,13 +118,11 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
     @_errors
     def generate(prompt, negative, steps, guidance, seed, n, width, height, strength, progress=gr.Progress()):
         req = _request(prompt, negative, steps, guidance, seed, n, width, height, strength)
-        engine.threads = server_threads if _training() else None  # the trainer has the other cores
         return [(str(p), f"seed {req.seed}") for p in engine.generate(req, _report(progress))]
 
     @_errors
     def compare(prompt, negative, steps, guidance, seed, n, width, height, strength, progress=gr.Progress()):
         req = _request(prompt, negative, steps, guidance, seed, n, width, height, strength)
-        engine.threads = server_threads if _training() else None
         base, adapted = engine.compare(req, _report(progress))
         return [(str(p), "base") for p in base] + [(str(p), "adapter") for p in adapted]
 
@@ -172,7 +171,7 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
         s = job.status()
         text = f"{s.state}: step {s.step}/{s.total}" + (f", loss {s.loss:.4f}" if s.loss is not None else "")
         if s.message:
-            text += f"\n{scrub_paths(s.message, {'': adapters_dir})}"
+            text += f"\n{scrub_paths(s.message, adapters_dir)}"
         if s.state == "finished":
             text += "\nThe adapter is in the Generate tab's list (refresh it)."
         bar = f'<progress value="{s.step}" max="{max(s.total, 1)}" style="width:100%"></progress>'

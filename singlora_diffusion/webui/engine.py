@@ -88,8 +88,7 @@ class Engine:
                 return
             try:
                 check_upload_size(path)
-                check_adapter_file(path)  # NaN, metadata lies, empty: refused before touching the model
-                self._load(path, allow_partial)
+                self._load(path, allow_partial)  # apply_adapter checks the file before it touches the model
             except Exception as e:  # any failure: undo whatever part was loaded, report, keep serving
                 self._unload()
                 if previous is not None and previous.is_file():

@@ -14,17 +14,19 @@ class BadRequest(ValueError):
     """A user mistake; its message is shown in the UI as is."""
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def whole(name: str, value, low: int, high: int) -> int:
     """A whole number in [low, high] from a form field (which may hold None, NaN, 1e9 or 2.5)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or int(value) != value or not low <= value <= high:
+    if not _finite(value) or int(value) != value or not low <= value <= high:
         raise BadRequest(f"{name} must be a whole number from {low} to {high}, got {value}.")
     return int(value)
 
 
 def between(name: str, value, low: float, high: float) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not low <= value <= high:
+    if not _finite(value) or not low <= value <= high:
         raise BadRequest(f"{name} must be between {low:g} and {high:g}, got {value}.")
     return float(value)
 
@@ -86,11 +88,10 @@ def unique_dir(parent: Path, stem: str) -> Path:
     raise BadRequest(f"too many folders named {stem} in {parent.name}; clean it up")
 
 
-def scrub_paths(message: str, roots: dict[str, Path]) -> str:
-    """A message without server paths: paths under a root become relative ("runs/..."), any other absolute
+def scrub_paths(message: str, root: Path) -> str:
+    """A message without server paths: paths under `root` become relative ("runs/..."), any other absolute
     path only its last part."""
     import re
 
-    for label, root in roots.items():
-        message = message.replace(str(root) + "/", label).replace(str(root), label.rstrip("/") or ".")
+    message = message.replace(str(root) + "/", "").replace(str(root), ".")
     return re.sub(r"(?<![\w.])/(?:[^\s'\"():,;]+/)+([^\s'\"():,;/]+)", r"\1", message)
