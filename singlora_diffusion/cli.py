@@ -40,8 +40,7 @@ def _export(args):
 
 def _merge(args):
     from .export import merge_into_pipeline
-
-    from .training.build import DTYPES
+    from .pipelines import DTYPES
 
     dtype = DTYPES["no" if args.save_precision == "fp32" else args.save_precision]
     out = merge_into_pipeline(args.base, args.adapter, args.out, args.scale, dtype, args.allow_partial,
@@ -50,7 +49,8 @@ def _merge(args):
 
 
 def _generate(args):
-    from .generate import apply_adapter, check_adapter_file, render
+    from .adapters import apply_adapter, check_adapter_file
+    from .generate import render
     from .pipelines import check_base_exists, inference_dtype, load_pipeline
 
     check_base_exists(args.base)
@@ -136,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import UserError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        # User mistakes get one readable line, not a traceback.
+    except UserError as e:
+        # User mistakes get one readable line; anything else (CUDA out of memory, a bug) keeps its traceback.
         print(f"singlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .targets import PRESETS, TargetSpec, resolve_patterns
+from .errors import BadInput
 
 ADAPTERS = ("singlora", "lora", "dora")
 
@@ -28,13 +29,13 @@ class AdapterConfig:
 
     def __post_init__(self):
         if self.adapter not in ADAPTERS:
-            raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+            raise BadInput(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
         if int(self.rank) < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+            raise BadInput(f"rank must be >= 1, got {self.rank}")
         self.rank = int(self.rank)
         self.alpha = float(self.rank if self.alpha is None else self.alpha)
         if self.ramp_up_steps is not None and int(self.ramp_up_steps) < 0:
-            raise ValueError(f"ramp_up_steps must be >= 0 (0 = no ramp), got {self.ramp_up_steps}")
+            raise BadInput(f"ramp_up_steps must be >= 0 (0 = no ramp), got {self.ramp_up_steps}")
         # Fail on an unknown preset now, before any model is loaded.
         resolve_patterns(self.target_modules, "unet")
         if self.text_encoder_target_modules is not None:

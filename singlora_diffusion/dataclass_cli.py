@@ -43,8 +43,8 @@ def dataclass_parser(cls, prog: str, description: str) -> argparse.ArgumentParse
     return p
 
 
-def run_command(prog: str, job, user_errors: tuple[type[BaseException], ...]) -> int:
-    """Run job() as a command: user mistakes print one line (exit 2), Ctrl-C exits 130.
+def run_command(prog: str, job) -> int:
+    """Run job() as a command: a UserError prints one line (exit 2), Ctrl-C exits 130; anything else keeps its traceback.
 
     Under several processes the interpreter is left with os._exit: gloo can abort at
     interpreter teardown after collective work ("terminate called without an active
@@ -53,12 +53,14 @@ def run_command(prog: str, job, user_errors: tuple[type[BaseException], ...]) ->
     import os
     import sys
 
+    from .errors import UserError
+
     code = 0
     try:
         job()
     except KeyboardInterrupt:
         code = 130
-    except user_errors as e:
+    except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

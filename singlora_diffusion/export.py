@@ -4,6 +4,7 @@
 lora_down = A[:d_in]ᵀ and lora_up = coef·A[:d_out] (layer.lowrank_factors).
 """
 from __future__ import annotations
+from .errors import BadInput, WriteError
 
 import math
 import os
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .format import AdapterFile, read_adapter
+from .files import atomic_path
+from .format import AdapterFile, diffusers_lora_name, read_adapter
 from .layer import lowrank_factors, ramp
 
 # kohya / A1111 / ComfyUI prefixes per component; SDXL numbers its two text encoders.
@@ -56,7 +58,7 @@ def export_diffusers(adapter_path: str | os.PathLike, out_dir: str | os.PathLike
     kwargs = {f"{c}_lora_layers": layers[c] for c in layers}
     writer = StableDiffusionXLPipeline if adapter.metadata.get("base_arch") == "sdxl" else StableDiffusionPipeline
     writer.save_lora_weights(str(out_dir), **kwargs)
-    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+    return Path(out_dir) / diffusers_lora_name()
 
 
 def export_kohya(adapter_path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
@@ -77,9 +79,8 @@ def export_kohya(adapter_path: str | os.PathLike, out_file: str | os.PathLike) -
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(adapter.rank),
             "ss_network_alpha": str(adapter.alpha), "ss_base_model_version": kohya_base_version(adapter),
             "singlora_source": os.path.basename(adapter.path), "singlora_step": str(adapter.step)}
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out_file)  # a failed write leaves an earlier file of that name as it was
+    with atomic_path(out_file) as tmp:  # a failed write leaves an earlier file of that name as it was
+        save_file(tensors, str(tmp), metadata=meta)
     return out_file
 
 
@@ -94,17 +95,16 @@ def merge_into_pipeline(base: str | os.PathLike, adapter_path: str | os.PathLike
     written beside `out_dir` and renamed into place, so a failed save (a full
     disk) leaves an earlier `out_dir` as it was.
     """
-    import shutil
-
+    from .adapters import set_strength
     from .format import load_adapter
-    from .inject import remove_singlora, set_scale, singlora_modules
+    from .inject import remove_singlora, singlora_modules
     from .pipelines import load_pipeline, pipeline_components
 
     if not math.isfinite(scale):
-        raise ValueError(f"--scale {scale}: expected a finite number")
+        raise BadInput(f"--scale {scale}: expected a finite number")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
-        raise ValueError(f"{out_dir} exists and is not a pipeline folder; give a new folder (nothing was written)")
+        raise BadInput(f"{out_dir} exists and is not a pipeline folder; give a new folder (nothing was written)")
     adapter = read_adapter(adapter_path)  # read and checked before the (large) base loads
     pipe = load_pipeline(base, dtype=dtype)
     components = pipeline_components(pipe)
@@ -112,24 +112,19 @@ def merge_into_pipeline(base: str | os.PathLike, adapter_path: str | os.PathLike
     if adapter.skipped:
         log(f"{adapter_path}: partial merge: {len(adapter.tensors) - len(adapter.skipped)} of "
             f"{len(adapter.tensors)} modules fit this base; {len(adapter.skipped)} skipped, e.g. {adapter.skipped[0]}")
+    set_strength(components, scale)
     for component, model in components.items():
-        set_scale(model, scale)
         merged = singlora_modules(model)
         remove_singlora(model, merge=True)
         for name in merged:
             weight = model.get_submodule(name).weight
             if not torch.isfinite(weight).all():
-                raise ValueError(f"merged weight {component}.{name} is not finite in {dtype} (scale {scale}); "
+                raise BadInput(f"merged weight {component}.{name} is not finite in {dtype} (scale {scale}); "
                                  f"nothing was written: lower --scale or use --save_precision fp32")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        pipe.save_pretrained(str(tmp))
+        with atomic_path(out_dir, replace_folder=True) as tmp:
+            pipe.save_pretrained(str(tmp))
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"could not write the merged pipeline next to {out_dir} ({e.strerror or e}); "
-                      f"nothing at {out_dir} was changed") from None
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+        raise WriteError(f"could not write the merged pipeline next to {out_dir} ({e.strerror or e}); "
+                         f"nothing at {out_dir} was changed") from None
     return out_dir

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import atomic_path
 from .inject import get_step, inject_singlora, set_step, singlora_modules
-from .pipelines import base_arch, base_model_version
-from .targets import COMPONENT_KIND, resolve_patterns
+from .targets import COMPONENT_KIND, base_arch, base_model_version, resolve_patterns
+from .errors import BadInput, NotFound
 
 FORMAT, FORMAT_VERSION = "singlora", "1"
 SUFFIX = ".singlora_A"
@@ -95,9 +96,9 @@ def save_adapter(path: str | os.PathLike, components: dict[str, nn.Module], base
             shapes[key] = [m.d_out, m.d_in]
             settings.add((m.rank, m.alpha, m.ramp_up_steps))
     if not tensors:
-        raise ValueError("nothing to save: no SingLoRA layer in the given components")
+        raise BadInput("nothing to save: no SingLoRA layer in the given components")
     if len(settings) > 1:
-        raise ValueError(f"layers differ in (rank, alpha, ramp_up_steps): {sorted(settings)}; "
+        raise BadInput(f"layers differ in (rank, alpha, ramp_up_steps): {sorted(settings)}; "
                          f"format v{FORMAT_VERSION} stores one setting per file")
     (rank, alpha, ramp_up_steps), = settings
     step = max(get_step(m) for m in components.values())
@@ -119,19 +120,34 @@ def save_adapter(path: str | os.PathLike, components: dict[str, nn.Module], base
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated adapter behind
+    with atomic_path(path) as tmp:  # a crash mid-write never leaves a truncated adapter behind
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
-def resolve_adapter_path(path: str | os.PathLike) -> Path:
+def diffusers_lora_name() -> str:
+    """The file name diffusers writes and finds LoRA weights under (pytorch_lora_weights.safetensors).
+
+    Taken from diffusers when asked, not at import: importing diffusers takes seconds,
+    and reading a SingLoRA file needs none of it.
+    """
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+
+    return LORA_WEIGHT_NAME_SAFE
+
+
+def find_adapter_file(path: str | os.PathLike, what: str = "adapter") -> Path:
+    """A file as given, or the adapter inside a training output folder (the SingLoRA file first)."""
     path = Path(path)
     if path.is_dir():
-        path = path / WEIGHTS_NAME
+        for name in (WEIGHTS_NAME, diffusers_lora_name()):
+            if (path / name).is_file():
+                return path / name
     if not path.is_file():
-        raise FileNotFoundError(f"no SingLoRA adapter at {path}: pass a .safetensors file or a folder "
-                                f"that holds {WEIGHTS_NAME}")
+        raise NotFound(f"no {what} at {path}: pass a .safetensors file or a folder that holds "
+                       f"{WEIGHTS_NAME} or {diffusers_lora_name()}")
+    if path.suffix != ".safetensors":
+        raise BadInput(f"adapter {path}: only .safetensors files are read (never pickles)")
     return path
 
 
@@ -142,28 +158,28 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for non-safetensors input
-        raise ValueError(f"{path} is not a readable .safetensors file ({e})") from e
+        raise BadInput(f"{path} is not a readable .safetensors file ({e})") from e
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read and check a SingLoRA file (no model needed)."""
     from safetensors.torch import load_file
 
-    path = resolve_adapter_path(path)
+    path = find_adapter_file(path, "SingLoRA adapter")
     metadata = read_metadata(path)
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a SingLoRA file (metadata format={metadata.get('format')!r}); "
+        raise BadInput(f"{path} is not a SingLoRA file (metadata format={metadata.get('format')!r}); "
                          f"a diffusers or kohya LoRA file is loaded with pipe.load_lora_weights instead")
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has SingLoRA format_version {metadata.get('format_version')!r}; this "
+        raise BadInput(f"{path} has SingLoRA format_version {metadata.get('format_version')!r}; this "
                          f"version of singlora-diffusion reads version {FORMAT_VERSION}: upgrade it")
     for key in ("rank", "alpha", "ramp_up_steps", "step", "module_shapes"):
         if key not in metadata:
-            raise ValueError(f"{path}: metadata key {key!r} is missing; the file is damaged or not written by singlora")
+            raise BadInput(f"{path}: metadata key {key!r} is missing; the file is damaged or not written by singlora")
     tensors = {}
     for key, A in load_file(str(path)).items():
         if not key.endswith(SUFFIX) or key.partition(".")[0] not in COMPONENT_KIND:
-            raise ValueError(f"{path}: unexpected tensor {key!r}; expected '{{unet|text_encoder|text_encoder_2}}"
+            raise BadInput(f"{path}: unexpected tensor {key!r}; expected '{{unet|text_encoder|text_encoder_2}}"
                              f".<module path>{SUFFIX}'")
         tensors[key[: -len(SUFFIX)]] = A
     adapter = AdapterFile(str(path), tensors, metadata)
@@ -177,7 +193,7 @@ def _number(adapter: AdapterFile, key: str, kind, low, what: str):
     except ValueError:
         value = None
     if value is None or not math.isfinite(value) or value < low:
-        raise ValueError(f"{adapter.path}: metadata {key}={adapter.metadata[key]!r}; expected {what}. The file is "
+        raise BadInput(f"{adapter.path}: metadata {key}={adapter.metadata[key]!r}; expected {what}. The file is "
                          f"damaged or was edited by hand: re-export it from its training run")
     return value
 
@@ -192,7 +208,7 @@ def check_adapter(adapter: AdapterFile) -> None:
     """
     path = adapter.path
     if not adapter.tensors:
-        raise ValueError(f"{path} holds no adapter tensors: an empty file would act as the base model")
+        raise BadInput(f"{path} holds no adapter tensors: an empty file would act as the base model")
     rank = _number(adapter, "rank", int, 1, "a whole number >= 1")
     _number(adapter, "alpha", float, 1e-300, "a finite number > 0")
     _number(adapter, "ramp_up_steps", int, 0, "a whole number >= 0")
@@ -202,24 +218,24 @@ def check_adapter(adapter: AdapterFile) -> None:
         if not all(len(v) == 2 and all(isinstance(d, int) and d > 0 for d in v) for v in shapes.values()):
             raise ValueError
     except (ValueError, TypeError, AttributeError):
-        raise ValueError(f"{path}: metadata module_shapes is not a JSON map of module -> [d_out, d_in]") from None
+        raise BadInput(f"{path}: metadata module_shapes is not a JSON map of module -> [d_out, d_in]") from None
     for key, A in adapter.tensors.items():
         name = key + SUFFIX
         if key not in shapes:
-            raise ValueError(f"{path}: tensor {name} has no module_shapes entry; export cannot split it")
+            raise BadInput(f"{path}: tensor {name} has no module_shapes entry; export cannot split it")
         if A.ndim != 2 or not A.is_floating_point():
-            raise ValueError(f"{path}: tensor {name} is {A.dtype} of shape {tuple(A.shape)}; expected a float (n, r)")
+            raise BadInput(f"{path}: tensor {name} is {A.dtype} of shape {tuple(A.shape)}; expected a float (n, r)")
         d_out, d_in = shapes[key]
         if tuple(A.shape) != (max(d_out, d_in), rank):
-            raise ValueError(f"{path}: tensor {name} has shape {tuple(A.shape)}, but the metadata (rank {rank}, "
+            raise BadInput(f"{path}: tensor {name} has shape {tuple(A.shape)}, but the metadata (rank {rank}, "
                              f"module_shapes {[d_out, d_in]}) says {(max(d_out, d_in), rank)}")
         bad = (~torch.isfinite(A)).sum().item()
         if bad:
-            raise ValueError(f"{path}: tensor {name} holds {bad} NaN/Inf values of {A.numel()}; the training that "
+            raise BadInput(f"{path}: tensor {name} holds {bad} NaN/Inf values of {A.numel()}; the training that "
                              f"wrote it diverged: use an earlier checkpoint")
     extra = sorted(set(shapes) - set(adapter.tensors))
     if extra:
-        raise ValueError(f"{path}: module_shapes lists {len(extra)} modules without a tensor, e.g. {extra[0]}")
+        raise BadInput(f"{path}: module_shapes lists {len(extra)} modules without a tensor, e.g. {extra[0]}")
 
 
 def _validate_against(adapter: AdapterFile, components: dict[str, nn.Module],
@@ -258,7 +274,7 @@ def _validate_against(adapter: AdapterFile, components: dict[str, nn.Module],
             plan.setdefault(component, {})[name] = A
     if misfits and (not plan or not allow_partial):
         fitting = len(adapter.tensors) - len(misfits)
-        raise ValueError(f"{adapter.path}: {len(misfits)} of its {len(adapter.tensors)} keys fit no layer of this base, "
+        raise BadInput(f"{adapter.path}: {len(misfits)} of its {len(adapter.tensors)} keys fit no layer of this base, "
                          f"e.g. {misfits[0][1]} (wrong base model? the file was trained on {trained_on})"
                          + (f"; pass --allow_partial to load the {fitting} that fit" if fitting else ""))
     return plan, [key for key, _ in misfits]

@@ -5,7 +5,6 @@ optimizer and saving find them without parsing names by position.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
@@ -17,12 +16,6 @@ from .targets import TargetSpec, find_targets
 def singlora_modules(model: nn.Module) -> dict[str, SingLoRALinear]:
     """name -> wrapper, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SingLoRALinear)}
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def inject_singlora(model: nn.Module, targets: TargetSpec, rank: int, alpha: float | None = None,
@@ -39,7 +32,7 @@ def inject_singlora(model: nn.Module, targets: TargetSpec, rank: int, alpha: flo
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     model.requires_grad_(False)
     for name in names:
-        _set_submodule(model, name, SingLoRALinear(model.get_submodule(name), rank, alpha,
+        model.set_submodule(name, SingLoRALinear(model.get_submodule(name), rank, alpha,
                                                    ramp_up_steps, generator))
     return names
 
@@ -52,7 +45,7 @@ def remove_singlora(model: nn.Module, merge: bool = False) -> None:
     """
     for name, m in singlora_modules(model).items():
         m.merge() if merge else m.unmerge()
-        _set_submodule(model, name, m.base_layer)
+        model.set_submodule(name, m.base_layer)
 
 
 def merge_singlora(model: nn.Module, scale: float | None = None) -> None:
@@ -78,19 +71,6 @@ def mark_only_singlora_trainable(model: nn.Module) -> None:
 def set_scale(model: nn.Module, scale: float) -> None:
     for m in singlora_modules(model).values():
         m.scale = float(scale)
-
-
-@contextlib.contextmanager
-def adapter_scale(model: nn.Module, scale: float):
-    """Temporarily run the adapters at `scale` (0 = base model)."""
-    modules = singlora_modules(model).values()
-    before = [m.scale for m in modules]
-    set_scale(model, scale)
-    try:
-        yield
-    finally:
-        for m, s in zip(modules, before):
-            m.scale = s
 
 
 def get_step(model: nn.Module) -> int:

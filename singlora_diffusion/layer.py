@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from .errors import BadInput
 
 ADAPTER_PREFIX = "singlora_"  # every adapter tensor's name starts with this (see inject.py)
 
@@ -71,6 +72,16 @@ def delta_weight(A: torch.Tensor, d_out: int, d_in: int, coef: torch.Tensor | fl
     return up @ down
 
 
+def check_rank(rank: int, d_in: int, d_out: int, name: str = "") -> None:
+    """1 <= rank <= min(d_in, d_out): A[:d_in] and A[:d_out] must both have `rank` columns of
+    independent rows for the update to have rank r (and LoRA's B·A the same for the baselines)."""
+    if not 1 <= rank <= min(d_in, d_out):
+        where = f"layer {name} " if name else "a "
+        raise BadInput(f"--rank {rank} is larger than {where}(Linear({d_in} -> {d_out})) allows "
+                       f"({min(d_in, d_out)}); choose --rank <= {min(d_in, d_out)}" if rank >= 1 else
+                       f"--rank {rank}: expected a whole number >= 1")
+
+
 class SingLoRALinear(nn.Module):
     """Wraps a frozen nn.Linear; adds (α/r)·u(t)·scale·A[:d_out]·A[:d_in]ᵀ.
 
@@ -88,9 +99,7 @@ class SingLoRALinear(nn.Module):
             raise TypeError(f"SingLoRA wraps nn.Linear layers, got {type(base_layer).__name__}")
         d_out, d_in = base_layer.weight.shape
         n = max(d_in, d_out)
-        if not 1 <= rank <= min(d_in, d_out):
-            raise ValueError(f"rank {rank} is not in [1, min(d_in, d_out) = {min(d_in, d_out)}] "
-                             f"for a Linear({d_in} -> {d_out}); choose a smaller --rank")
+        check_rank(rank, d_in, d_out)
         self.base_layer = base_layer
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
         self.ramp_up_steps = int(ramp_up_steps)

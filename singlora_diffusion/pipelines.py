@@ -9,32 +9,20 @@ from torch import nn
 
 from .config import AdapterConfig
 from .inject import inject_singlora
-from .targets import COMPONENT_KIND
+from .layer import check_rank
+from .targets import COMPONENT_KIND, find_targets
+from .errors import BadInput, NotFound
 
 COMPONENTS = tuple(COMPONENT_KIND)  # unet, text_encoder, text_encoder_2
+# --mixed_precision / --save_precision names (accelerate's and diffusers' scripts') -> weight dtype
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = tuple(DTYPES)
+TINY_PREFIX, RANDOM_PREFIX = "tiny:", "random:"
 
 
 def pipeline_components(pipe) -> dict[str, nn.Module]:
     """The adaptable models of a pipeline, by the component names the file format uses."""
     return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
-
-
-def base_arch(unet) -> str:
-    """"sdxl" or "sd", from the UNet itself (an adapter may live on the UNet alone).
-
-    SDXL's UNet (base and refiner) takes the pooled-text + size/crop "text_time" embedding.
-    """
-    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd"
-
-
-def base_model_version(unet) -> str:
-    """kohya's ss_base_model_version: sdxl_base_v1-0, sd_v2 (OpenCLIP-H, 1024-wide context) or sd_v1.
-
-    A1111 lists an SDXL LoRA under SDXL models only when this starts with "sdxl_".
-    """
-    if base_arch(unet) == "sdxl":
-        return "sdxl_base_v1-0"
-    return "sd_v2" if unet.config.cross_attention_dim == 1024 else "sd_v1"
 
 
 def _latent_stats(vae_config, like: torch.Tensor):
@@ -77,6 +65,10 @@ def inject_adapters(components: dict[str, nn.Module], cfg: AdapterConfig,
     plan = {"unet": cfg.target_modules}
     if cfg.text_encoder_target_modules is not None:
         plan.update({c: cfg.text_encoder_target_modules for c in components if c != "unet"})
+    for component, targets in plan.items():  # every layer checked before any adapter is built
+        model = components[component]
+        for name in find_targets(model, targets, COMPONENT_KIND[component]):
+            check_rank(cfg.rank, *reversed(model.get_submodule(name).weight.shape), name)
     injected = {}
     for i, (component, targets) in enumerate(plan.items()):
         model, kind = components[component], COMPONENT_KIND[component]
@@ -88,12 +80,61 @@ def inject_adapters(components: dict[str, nn.Module], cfg: AdapterConfig,
     return injected
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub itself reads it (1/ON/YES/TRUE, at its import)."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def _test_pipeline(name: str):
+    """(kind, arch, save) for tiny:… / random:… names, None for any other base."""
+    from .tiny import save_random_pipeline, save_tiny_pipeline
+
+    builders = {TINY_PREFIX: ("tiny", save_tiny_pipeline), RANDOM_PREFIX: ("random", save_random_pipeline)}
+    prefix = next((p for p in builders if str(name).startswith(p)), None)
+    if prefix is None:
+        return None
+    kind, save = builders[prefix]
+    arch = str(name)[len(prefix):]
+    if arch not in ("sd15", "sdxl"):
+        raise BadInput(f"unknown test pipeline {name!r}: choose {prefix}sd15 or {prefix}sdxl")
+    return kind, arch, save
+
+
+def resolve_base(name: str | os.PathLike) -> str:
+    """Offline test pipelines built once under the cache folder; any other name as given.
+
+    tiny:sd15 / tiny:sdxl: ~10M parameters at 64 px; random:sd15 / random:sdxl: the real
+    component configs at full size (2 GB / 7 GB in fp16), random weights.
+    """
+    from .files import atomic_path
+
+    test = _test_pipeline(name)
+    if test is None:
+        return str(name)
+    kind, arch, save = test
+    cache = Path(os.environ.get("SINGLORA_CACHE", Path.home() / ".cache" / "singlora_diffusion"))
+    folder = cache / f"{kind}-{arch}"
+    if not (folder / "model_index.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            with atomic_path(folder) as tmp:  # built aside, then renamed: never seen half-written
+                save(tmp, arch)
+        except OSError:
+            if not (folder / "model_index.json").is_file():
+                raise  # not another process finishing first
+    return str(folder)
+
+
 def check_base_exists(base: str | os.PathLike) -> None:
     """Fail fast, before anything heavy, when `base` is neither a folder nor a cached hub id."""
+    if _test_pipeline(base) is not None:
+        return  # built on first use
     path = Path(base)
     if path.exists():
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json); "
+            raise NotFound(f"{path} is not a diffusers pipeline folder (no model_index.json); "
                                     f"pass a folder written by save_pretrained or a hub id")
         return
     from huggingface_hub import try_to_load_from_cache
@@ -102,12 +143,11 @@ def check_base_exists(base: str | os.PathLike) -> None:
     try:
         validate_repo_id(str(base))
     except HFValidationError:
-        raise FileNotFoundError(f"base model {base}: no such folder, and not a hub id like "
+        raise NotFound(f"base model {base}: no such folder, and not a hub id like "
                                 f"'runwayml/stable-diffusion-v1-5'") from None
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-
+    if hub_offline():
         if not isinstance(try_to_load_from_cache(str(base), "model_index.json"), str):
-            raise FileNotFoundError(f"base model {base!r} is not a local folder and not in the Hugging Face "
+            raise NotFound(f"base model {base!r} is not a local folder and not in the Hugging Face "
                                     f"cache, and HF_HUB_OFFLINE=1 forbids downloading it: download it once "
                                     f"online or pass a local diffusers folder")
 
@@ -119,7 +159,8 @@ def inference_dtype(device: str | torch.device) -> torch.dtype:
 
 def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None,
                   vae_fp32_if_upcast: bool = False):
-    """A diffusers text-to-image pipeline from a hub id or a local folder, its weights in `dtype`.
+    """A diffusers text-to-image pipeline from a hub id, a local folder or a test name (tiny:sd15),
+    its weights in `dtype`.
 
     The dtype is always given to diffusers: without it an fp16 folder (the hub's fp16 variants,
     `singlora merge --save_precision fp16`) loads its text encoders in fp16 (transformers'
@@ -131,6 +172,7 @@ def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, d
     from diffusers import DiffusionPipeline
 
     check_base_exists(base)
+    base = resolve_base(base)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype)
         if (vae_fp32_if_upcast and dtype == torch.float16 and getattr(pipe, "vae", None) is not None
@@ -138,8 +180,8 @@ def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, d
             pipe.register_modules(vae=type(pipe.vae).from_pretrained(str(base), subfolder="vae",
                                                                    torch_dtype=torch.float32))
     except OSError as e:
-        raise FileNotFoundError(f"could not load base model {base!r}: {e}") from e
+        raise NotFound(f"could not load base model {base!r}: {e}") from e
     if not hasattr(pipe, "unet"):
-        raise ValueError(f"{base} is a {type(pipe).__name__}; SingLoRA supports UNet pipelines (SD1.x/2.x, SDXL)")
+        raise BadInput(f"{base} is a {type(pipe).__name__}; SingLoRA supports UNet pipelines (SD1.x/2.x, SDXL)")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device else pipe

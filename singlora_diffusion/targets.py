@@ -11,6 +11,7 @@ import re
 from typing import Sequence
 
 from torch import nn
+from .errors import BadInput
 
 # kind -> preset -> patterns. "paper" is the paper's DreamBooth setup (Sec. 6.2:
 # UNet to_q, to_k); "attn" is every attention projection, as diffusers'
@@ -38,13 +39,13 @@ def resolve_patterns(spec: TargetSpec, kind: str) -> tuple[str, ...]:
         if spec in presets:
             return presets[spec]
         if "," not in spec:
-            raise ValueError(
+            raise BadInput(
                 f"unknown {kind} target preset {spec!r}: presets are {', '.join(sorted(presets))}; "
                 f"to name modules, pass a comma-separated list such as '{','.join(presets[sorted(presets)[0]])}'")
         spec = [s.strip() for s in spec.split(",") if s.strip()]
     patterns = tuple(spec)
     if not patterns:
-        raise ValueError(f"empty {kind} target list: give a preset ({', '.join(sorted(presets))}) or module names")
+        raise BadInput(f"empty {kind} target list: give a preset ({', '.join(sorted(presets))}) or module names")
     return patterns
 
 
@@ -64,7 +65,24 @@ def find_targets(model: nn.Module, spec: TargetSpec, kind: str) -> list[str]:
     found = [name for name in linears if any(_matches(name, p) for p in patterns)]
     if not found:
         examples = ", ".join(linears[:4])
-        raise ValueError(f"target patterns {list(patterns)} match no nn.Linear in the {kind}; "
+        raise BadInput(f"target patterns {list(patterns)} match no nn.Linear in the {kind}; "
                          f"its Linear layers are named like: {examples}")
     return found
 
+
+def base_arch(unet) -> str:
+    """"sdxl" or "sd", from the UNet itself (an adapter may live on the UNet alone).
+
+    SDXL's UNet (base and refiner) takes the pooled-text + size/crop "text_time" embedding.
+    """
+    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd"
+
+
+def base_model_version(unet) -> str:
+    """kohya's ss_base_model_version: sdxl_base_v1-0, sd_v2 (OpenCLIP-H, 1024-wide context) or sd_v1.
+
+    A1111 lists an SDXL LoRA under SDXL models only when this starts with "sdxl_".
+    """
+    if base_arch(unet) == "sdxl":
+        return "sdxl_base_v1-0"
+    return "sd_v2" if unet.config.cross_attention_dim == 1024 else "sd_v1"

@@ -11,22 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from .errors import BadInput
 
 # CLIP's special tokens in the 49,408-token vocabulary.
 BOS_ID, EOS_ID = 49406, 49407
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2 / CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 @lru_cache(maxsize=1)
@@ -41,7 +29,9 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
-    alphabet = list(_bytes_to_unicode().values())
+    from open_clip.tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [t + "</w>" for t in alphabet] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, merges
@@ -55,26 +45,51 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=77)
 
 
-def _text_encoder(with_projection: bool, seed: int, width: int):
+def text_encoder(width: int, seed: int = 0, with_projection: bool = False, layers: int = 5,
+                 intermediate: int = 37, max_tokens: int = 77):
+    """A random CLIP text encoder with CLIP's vocabulary and special tokens."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(hidden_size=width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
-                            vocab_size=49408, max_position_embeddings=77, projection_dim=32,
-                            bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID, hidden_act="gelu")
+    config = CLIPTextConfig(hidden_size=width, intermediate_size=intermediate, num_attention_heads=4,
+                            num_hidden_layers=layers, vocab_size=49408, max_position_embeddings=max_tokens,
+                            projection_dim=32, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
+                            hidden_act="gelu")
     torch.manual_seed(seed)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def _vae(seed: int):
+def vae(seed: int = 0, block_out_channels=(32, 64), layers_per_block: int = 1, sample_size: int = 64):
+    """A random AutoencoderKL; len(block_out_channels) - 1 downsamplings (SD's real VAE has 3)."""
     from diffusers import AutoencoderKL
 
+    n = len(block_out_channels)
     torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=32, sample_size=64)
+    return AutoencoderKL(block_out_channels=tuple(block_out_channels), in_channels=3, out_channels=3,
+                         latent_channels=4, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=layers_per_block,
+                         norm_num_groups=32, sample_size=sample_size)
 
 
-def _scheduler():
+def sd_unet(cross_attention_dim: int, seed: int = 0, block_out_channels=(32, 64), layers_per_block: int = 2,
+            sample_size: int = 32, attention_head_dim=(2, 4), plain_last: bool = False):
+    """A random SD1.x-architecture UNet (CrossAttn blocks with to_q/to_k/to_v/to_out.0).
+
+    plain_last: the deepest block without attention, as in SD1.5's real UNet.
+    """
+    from diffusers import UNet2DConditionModel
+
+    n = len(block_out_channels)
+    attn = n - 1 if plain_last else n
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block, sample_size=sample_size,
+        in_channels=4, out_channels=4, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * attn + ("DownBlock2D",) * (n - attn),
+        up_block_types=("UpBlock2D",) * (n - attn) + ("CrossAttnUpBlock2D",) * attn)
+
+
+def scheduler():
     from diffusers import DDIMScheduler
 
     # SD's noise schedule (scaled_linear 0.00085..0.012, steps_offset=1).
@@ -82,21 +97,23 @@ def _scheduler():
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+def sd_pipeline(unet, vae, text_encoder, tokenizer=None, noise_scheduler=None):
+    """A StableDiffusionPipeline of these parts (default: SD's scheduler), no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer or clip_tokenizer(),
+                                   unet=unet, scheduler=noise_scheduler or scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 def build_tiny_pipeline(arch: str = "sd15", seed: int = 0):
     """A StableDiffusion(XL)Pipeline of ~10M parameters at 64 px, random weights."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     if arch == "sd15":
-        torch.manual_seed(seed)
         # Text width 48 between the block widths 32 and 64: the cross-attention to_k/to_v
         # layers are non-square both ways (48 -> 32 and 48 -> 64), as in real models.
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
-            cross_attention_dim=48, attention_head_dim=(2, 4), norm_num_groups=32)
-        return StableDiffusionPipeline(
-            vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2, 48), tokenizer=clip_tokenizer(), unet=unet,
-            scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return sd_pipeline(sd_unet(48, seed), vae(seed + 1), text_encoder(48, seed + 2))
     if arch == "sdxl":
         torch.manual_seed(seed)
         # Micro-conditioning: 6 time ids × addition_time_embed_dim + text_encoder_2's pooled projection (32).
@@ -108,10 +125,10 @@ def build_tiny_pipeline(arch: str = "sd15", seed: int = 0):
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 48, norm_num_groups=32)
         return StableDiffusionXLPipeline(
-            vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2, 32), text_encoder_2=_text_encoder(True, seed + 3, 48),
-            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
+            vae=vae(seed + 1), text_encoder=text_encoder(32, seed + 2), text_encoder_2=text_encoder(48, seed + 3, True),
+            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler(),
             force_zeros_for_empty_prompt=False)
-    raise ValueError(f"unknown tiny pipeline arch {arch!r}: choose sd15 or sdxl")
+    raise BadInput(f"unknown tiny pipeline arch {arch!r}: choose sd15 or sdxl")
 
 
 def save_tiny_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
@@ -128,13 +145,13 @@ def build_random_pipeline(arch: str = "sd15", seed: int = 0, dtype: torch.dtype 
     the images are noise. Built in `dtype` (an SDXL in float32 would take 14 GB to build).
     """
     import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .reference_configs import CLIP_BIGG, CLIP_L, SCHEDULER_CONFIGS, UNET_CONFIGS, VAE_CONFIGS
 
     if arch not in UNET_CONFIGS:
-        raise ValueError(f"unknown random pipeline arch {arch!r}: choose sd15 or sdxl")
+        raise BadInput(f"unknown random pipeline arch {arch!r}: choose sd15 or sdxl")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # weights are created (and randomly initialised) in dtype directly
     try:
@@ -146,14 +163,12 @@ def build_random_pipeline(arch: str = "sd15", seed: int = 0, dtype: torch.dtype 
     finally:
         torch.set_default_dtype(previous)
     name, config = SCHEDULER_CONFIGS[arch]
-    scheduler = getattr(diffusers, name)(**config)
+    noise_scheduler = getattr(diffusers, name)(**config)
     if arch == "sd15":
-        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return sd_pipeline(unet, vae, text_encoder, noise_scheduler=noise_scheduler)
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet,
-                                     scheduler=scheduler)
+                                     scheduler=noise_scheduler)
 
 
 def save_random_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:

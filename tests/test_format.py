@@ -111,7 +111,7 @@ def test_only_safetensors_singlora_files_are_read(tmp_path, saved):
 
 
 def test_generate_refuses_non_safetensors_adapters(tmp_path):
-    from singlora_diffusion.generate import find_adapter_file
+    from singlora_diffusion.format import find_adapter_file
 
     pt = tmp_path / "adapter.pt"
     torch.save({}, pt)

@@ -102,7 +102,7 @@ def check_exports_merge_generate(base: str, out: Path, work: Path, text_dtype: t
 
     from singlora_diffusion.export import export_kohya
     from singlora_diffusion.format import load_adapter
-    from singlora_diffusion.generate import remove_adapter
+    from singlora_diffusion.adapters import remove_adapter
     from singlora_diffusion.pipelines import load_pipeline, pipeline_components
 
     native = out / "singlora_weights.safetensors"

@@ -8,6 +8,7 @@ Three ways in (one is required):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ..errors import BadInput
 
 PRECISIONS = ("no", "fp16", "bf16")
 CLIP_T_IDENTIFIER = ("remove", "keep")
@@ -65,27 +66,27 @@ class EvalConfig:
 
     def __post_init__(self):
         if not self.out:
-            raise ValueError("--out is required: the folder the report goes to")
+            raise BadInput("--out is required: the folder the report goes to")
         if (self.subject_dir is None) == (self.dreambench_dir is None):
-            raise ValueError("pass exactly one of --subject_dir (one subject) and --dreambench_dir (many subjects)")
+            raise BadInput("pass exactly one of --subject_dir (one subject) and --dreambench_dir (many subjects)")
         if self.subject_dir is not None and self.adapters_dir is not None:
-            raise ValueError("--adapters_dir goes with --dreambench_dir; for one subject pass --adapter")
+            raise BadInput("--adapters_dir goes with --dreambench_dir; for one subject pass --adapter")
         if self.dreambench_dir is not None and self.adapter is not None:
-            raise ValueError("--adapter is for one subject; with --dreambench_dir pass --adapters_dir")
+            raise BadInput("--adapter is for one subject; with --dreambench_dir pass --adapters_dir")
         if self.images_dir is not None and (self.adapter or self.adapters_dir or self.baseline):
-            raise ValueError("--images_dir scores existing images; it does not combine with --adapter, "
+            raise BadInput("--images_dir scores existing images; it does not combine with --adapter, "
                              "--adapters_dir or --baseline (which generate)")
         if self.subjects is not None and self.dreambench_dir is None:
-            raise ValueError("--subjects selects among --dreambench_dir subjects")
+            raise BadInput("--subjects selects among --dreambench_dir subjects")
         for name in ("num_images", "steps", "batch_size", "score_batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise BadInput(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.resolution is not None and self.resolution % 8:
-            raise ValueError(f"--resolution must be a multiple of 8, got {self.resolution}")
+            raise BadInput(f"--resolution must be a multiple of 8, got {self.resolution}")
         if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"--mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+            raise BadInput(f"--mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if self.clip_t_identifier not in CLIP_T_IDENTIFIER:
-            raise ValueError(f"--clip_t_identifier must be remove or keep, got {self.clip_t_identifier!r}")
+            raise BadInput(f"--clip_t_identifier must be remove or keep, got {self.clip_t_identifier!r}")
 
     @property
     def generates(self) -> bool:

@@ -22,6 +22,7 @@ from .config import EvalConfig
 from .images import GeneratedImage, file_digest, image_name, save_image, write_manifest
 from .plan import ADAPTER, IMAGES, Plan, Subject
 from .protocol import Prompt
+from ..errors import BadInput
 
 SETTINGS = "settings.json"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -71,7 +72,7 @@ def check_settings(plan: Plan, cfg: EvalConfig) -> dict[tuple[str, str], dict]:
                 changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
                 if changed:
                     diff = "; ".join(f"{k}: {a!r} on disk, {b!r} now" for k, (a, b) in changed.items())
-                    raise ValueError(f"{path.parent} holds images made with other settings ({diff}); pass another "
+                    raise BadInput(f"{path.parent} holds images made with other settings ({diff}); pass another "
                                      f"--out, or delete that folder to regenerate them")
             found[(subject.name, method)] = settings
     return found
@@ -90,7 +91,7 @@ def write_settings(out: Path, settings: dict[tuple[str, str], dict]) -> None:
 @contextlib.contextmanager
 def adapter_applied(pipe, adapter: Path | None, scale: float):
     """The pipeline with `adapter` loaded for the block, exactly the base model again after it."""
-    from ..generate import apply_adapter, remove_adapter
+    from ..adapters import apply_adapter, remove_adapter
 
     if adapter is None:
         yield

@@ -24,6 +24,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .protocol import Prompt, check_prompt_text
+from ..errors import BadInput, NotFound
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST = "manifest.jsonl"
@@ -45,7 +46,7 @@ def list_images(folder: Path, flag: str) -> list[Path]:
     """Image files directly in `folder`, sorted; one warning names every file that cannot be read."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{flag} {folder}: no such folder")
+        raise NotFound(f"{flag} {folder}: no such folder")
     good, skipped = [], []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -60,7 +61,7 @@ def list_images(folder: Path, flag: str) -> list[Path]:
         warnings.warn(f"{flag} {folder}: skipped {len(skipped)} unreadable file(s): " + "; ".join(skipped),
                       UserWarning, stacklevel=2)
     if not good:
-        raise ValueError(f"{flag} {folder}: no readable image ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        raise BadInput(f"{flag} {folder}: no readable image ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     return good
 
 
@@ -95,16 +96,16 @@ def read_manifest(folder: Path) -> list[GeneratedImage]:
             entry = json.loads(line)
             file, text = entry["file"], entry["prompt"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: expected {{\"file\": ..., \"prompt\": ..., \"seed\": ...}}, got {line!r} "
+            raise BadInput(f"{path}:{n}: expected {{\"file\": ..., \"prompt\": ..., \"seed\": ...}}, got {line!r} "
                              f"({e})") from None
         image = folder / file
         if not image.is_file():
-            raise FileNotFoundError(f"{path}:{n}: image {file!r} does not exist in {folder}")
+            raise NotFound(f"{path}:{n}: image {file!r} does not exist in {folder}")
         seed = entry.get("seed")
         images.append(GeneratedImage(image, Prompt(" ".join(str(text).split()), entry.get("template")),
                                      None if seed is None else int(seed)))
     if not images:
-        raise ValueError(f"{path}: the manifest lists no image")
+        raise BadInput(f"{path}: the manifest lists no image")
     return images
 
 

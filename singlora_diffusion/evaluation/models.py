@@ -12,6 +12,7 @@ is then stamped). resolve_weights() decides without loading anything, so a missi
 weight stops the run before any Stable Diffusion model is loaded.
 """
 from __future__ import annotations
+from ..errors import BadInput, NotFound, UserError
 
 import os
 import warnings
@@ -31,7 +32,7 @@ _FLAGS = {"dino": "--dino_weights", "clip": "--clip_weights"}
 _NAMES = {"dino": f"DINO ViT-S/16 (timm {DINO_MODEL})", "clip": f"CLIP ViT-B/32 (open_clip {CLIP_MODEL}, {CLIP_TAG})"}
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(UserError, RuntimeError):
     """Real weights of a scoring model cannot be found and random ones were not allowed."""
 
 
@@ -105,7 +106,7 @@ def resolve_weights(dino_file: str | None, clip_file: str | None, allow_random: 
     for model, file in (("dino", dino_file), ("clip", clip_file)):
         if file is not None:
             if not Path(file).is_file():
-                raise FileNotFoundError(f"{_FLAGS[model]} {file}: no such file; pass the {_NAMES[model]} weights "
+                raise NotFound(f"{_FLAGS[model]} {file}: no such file; pass the {_NAMES[model]} weights "
                                         f"file (.safetensors, .bin or .pth)")
             resolved[model] = Weights(model, "file", str(file))
         elif not hub_offline() or _in_hf_cache(model):
@@ -141,7 +142,7 @@ def load_dino(weights: Weights, allow_random: bool = False):
             model = timm.create_model(DINO_MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=weights.location),
                                       **kwargs)
         except Exception as e:  # wrong file: missing or unexpected keys, not a checkpoint at all
-            raise ValueError(f"{_FLAGS['dino']} {weights.location}: timm could not load it as {DINO_MODEL} "
+            raise BadInput(f"{_FLAGS['dino']} {weights.location}: timm could not load it as {DINO_MODEL} "
                              f"weights ({e})") from e
     else:
         try:
@@ -165,7 +166,7 @@ def load_clip(weights: Weights, allow_random: bool = False):
                                                                          force_quick_gelu=True)
     except Exception as e:
         if weights.source != "hub":
-            raise ValueError(f"{_FLAGS['clip']} {weights.location}: open_clip could not load it as {CLIP_MODEL} "
+            raise BadInput(f"{_FLAGS['clip']} {weights.location}: open_clip could not load it as {CLIP_MODEL} "
                              f"weights ({e})") from e
         return load_clip(_fallback(weights, e, allow_random))
     return model.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(CLIP_MODEL), weights

@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import EvalConfig
 from .images import GeneratedImage, list_images, read_images_dir
 from .protocol import PROMPTS_FILE, Prompt, make_prompts, read_dreambench, read_prompt_file
+from ..errors import BadInput, NotFound, NotWritable
 
 BASE, ADAPTER, IMAGES = "base", "adapter", "images"  # methods, in report order
 
@@ -42,11 +43,11 @@ def _check_out(out: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"--out {out}: cannot write there ({e.strerror}); pick a writable folder") from None
+        raise NotWritable(f"--out {out}: cannot write there ({e.strerror}); pick a writable folder") from None
 
 
 def _adapter_in(adapters_dir: Path, subject: str) -> Path | None:
-    from ..generate import find_adapter_file
+    from ..format import find_adapter_file
 
     for candidate in (adapters_dir / subject, adapters_dir / f"{subject}.safetensors"):
         if candidate.exists():
@@ -83,7 +84,7 @@ def _default_base(adapters: list[Path]) -> str | None:
         if base:
             bases.add(base)
     if len(bases) > 1:
-        raise ValueError(f"the adapters were trained on different bases {sorted(bases)}; pass --base")
+        raise BadInput(f"the adapters were trained on different bases {sorted(bases)}; pass --base")
     return bases.pop() if bases else None
 
 
@@ -95,12 +96,12 @@ def _subject(cfg: EvalConfig, name: str, photos_dir: Path, bench, templates, ada
         return Subject(name, class_name, photos, existing=tuple(read_images_dir(images_dir)))
     needs_class = cfg.prompts == "dreambench" or any("{1}" in t or "{class}" in t for t in templates)
     if needs_class and not class_name:
-        raise ValueError(f"subject {name!r}: its class is unknown (not a DreamBench subject name); pass "
+        raise BadInput(f"subject {name!r}: its class is unknown (not a DreamBench subject name); pass "
                          f"--class_name (e.g. dog, backpack)")
     if cfg.prompts == "dreambench":
         templates = bench.templates_for(class_name)
     if adapter is not None:
-        from ..generate import check_adapter_file
+        from ..adapters import check_adapter_file
 
         check_adapter_file(adapter)  # NaN, a lying header, an empty file: refused before any model loads
         _warn_identifier(adapter, cfg.identifier)
@@ -110,7 +111,7 @@ def _subject(cfg: EvalConfig, name: str, photos_dir: Path, bench, templates, ada
 
 def make_plan(cfg: EvalConfig) -> Plan:
     """Subjects, adapters, prompts and photos, all checked; nothing heavy is loaded."""
-    from ..generate import find_adapter_file
+    from ..format import find_adapter_file
     from ..pipelines import check_base_exists
 
     out = Path(cfg.out)
@@ -126,7 +127,7 @@ def make_plan(cfg: EvalConfig) -> Plan:
     else:
         root = Path(cfg.dreambench_dir)
         if not root.is_dir():
-            raise FileNotFoundError(f"--dreambench_dir {root}: no such folder")
+            raise NotFound(f"--dreambench_dir {root}: no such folder")
         dreambench_file = root / PROMPTS_FILE if (root / PROMPTS_FILE).is_file() else None
         bench = read_dreambench(dreambench_file)
         folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
@@ -134,13 +135,13 @@ def make_plan(cfg: EvalConfig) -> Plan:
         images_root = Path(cfg.images_dir) if cfg.images_dir else None
         for flag, folder in (("--adapters_dir", adapters_dir), ("--images_dir", images_root)):
             if folder is not None and not folder.is_dir():
-                raise FileNotFoundError(f"{flag} {folder}: no such folder")
+                raise NotFound(f"{flag} {folder}: no such folder")
         adapters = {n: a for n in folders if adapters_dir and (a := _adapter_in(adapters_dir, n))}
         if cfg.subjects:
             names = [s.strip() for s in cfg.subjects.split(",") if s.strip()]
             unknown = [n for n in names if n not in folders]
             if unknown:
-                raise ValueError(f"--subjects {', '.join(unknown)}: no such folder in {root} "
+                raise BadInput(f"--subjects {', '.join(unknown)}: no such folder in {root} "
                                  f"(it has {', '.join(folders) or 'none'})")
         elif adapters_dir is not None:
             names = list(adapters)
@@ -149,21 +150,21 @@ def make_plan(cfg: EvalConfig) -> Plan:
         else:
             names = list(folders)
         if not names:
-            raise ValueError(f"no subject to evaluate: {root} has subject folders {', '.join(folders) or 'none'}"
+            raise BadInput(f"no subject to evaluate: {root} has subject folders {', '.join(folders) or 'none'}"
                              + (f", {adapters_dir} has adapters for none of them (expected <subject>/ or "
                                 f"<subject>.safetensors)" if adapters_dir else ""))
         if adapters_dir is not None and (lacking := [n for n in names if n not in adapters]):
-            raise FileNotFoundError(f"--adapters_dir {adapters_dir}: no adapter for {', '.join(lacking)} "
+            raise NotFound(f"--adapters_dir {adapters_dir}: no adapter for {', '.join(lacking)} "
                                     f"(expected <subject>/ holding one, or <subject>.safetensors)")
         if images_root is not None and (lacking := [n for n in names if not (images_root / n).is_dir()]):
-            raise FileNotFoundError(f"--images_dir {images_root}: no folder for {', '.join(lacking)}")
+            raise NotFound(f"--images_dir {images_root}: no folder for {', '.join(lacking)}")
         subjects = [_subject(cfg, n, folders[n], bench, templates, adapters.get(n),
                              images_root / n if images_root else None) for n in names]
     base = None
     if cfg.generates:
         base = cfg.base or _default_base([s.adapter for s in subjects if s.adapter])
         if base is None:
-            raise ValueError("--base is required to generate images (the adapter does not name its base model)")
+            raise BadInput("--base is required to generate images (the adapter does not name its base model)")
         if not base.startswith("tiny:"):
             check_base_exists(base)
     return Plan(tuple(subjects), base, dreambench_file)

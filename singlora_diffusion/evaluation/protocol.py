@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from ..errors import BadInput, NotFound
 
 # The dataset README: "9 out of these subjects are live subjects (dogs and cats)".
 LIVE_CLASSES = ("dog", "cat")
@@ -61,7 +62,7 @@ def read_dreambench(path: str | Path | None = None) -> DreamBench:
         elif section == "prompts" and (m := _PROMPT_LINE.match(line)):
             lists[-1].append(m["template"])
     if len(lists) != 2 or not classes or any(len(prompts) != 25 for prompts in lists):
-        raise ValueError(f"{path}: expected the DreamBench layout (a Classes table, then the object and the "
+        raise BadInput(f"{path}: expected the DreamBench layout (a Classes table, then the object and the "
                          f"live prompt_list of 25 prompts each); found {len(classes)} classes and prompt lists "
                          f"of {[len(p) for p in lists]}")
     return DreamBench(classes, tuple(lists[0]), tuple(lists[1]))
@@ -71,12 +72,12 @@ def read_prompt_file(path: str | Path) -> tuple[str, ...]:
     """One prompt (template) per line; blank lines and lines starting with # are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--prompts {path}: no such file; pass 'dreambench' or a text file with one "
+        raise NotFound(f"--prompts {path}: no such file; pass 'dreambench' or a text file with one "
                                 f"prompt per line")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     templates = tuple(line for line in lines if line and not line.startswith("#"))
     if not templates:
-        raise ValueError(f"--prompts {path}: the file holds no prompt")
+        raise BadInput(f"--prompts {path}: the file holds no prompt")
     return templates
 
 
@@ -85,7 +86,7 @@ def fill(template: str, identifier: str, class_name: str) -> str:
     try:
         text = template.format(identifier, class_name, identifier=identifier, **{"class": class_name})
     except (IndexError, KeyError, ValueError) as e:
-        raise ValueError(f"prompt template {template!r}: {e!r}; use {{0}} or {{identifier}} for the identifier "
+        raise BadInput(f"prompt template {template!r}: {e!r}; use {{0}} or {{identifier}} for the identifier "
                          f"and {{1}} or {{class}} for the class name (double other braces)") from None
     return " ".join(text.split())
 
@@ -95,17 +96,17 @@ def make_prompts(templates, identifier: str, class_name: str) -> tuple[Prompt, .
     for p in prompts:
         check_prompt_text(p.text)
     if len({p.text for p in prompts}) != len(prompts):
-        raise ValueError(f"prompts repeat: {[p.text for p in prompts]}; each prompt must be distinct")
+        raise BadInput(f"prompts repeat: {[p.text for p in prompts]}; each prompt must be distinct")
     return prompts
 
 
 def check_prompt_text(text: str) -> None:
     """A prompt must be usable as an image file name (`<prompt>_<seed>.png`)."""
     if not text or "/" in text or "\\" in text or "\0" in text or text.startswith("."):
-        raise ValueError(f"prompt {text!r} cannot be part of an image file name (empty, a leading '.', or a "
+        raise BadInput(f"prompt {text!r} cannot be part of an image file name (empty, a leading '.', or a "
                          f"'/', '\\' or NUL character); rephrase it")
     if len(text.encode("utf-8")) > _MAX_PROMPT_BYTES:
-        raise ValueError(f"prompt {text[:40]!r}... is longer than {_MAX_PROMPT_BYTES} bytes, too long for an "
+        raise BadInput(f"prompt {text[:40]!r}... is longer than {_MAX_PROMPT_BYTES} bytes, too long for an "
                          f"image file name; shorten it")
 
 

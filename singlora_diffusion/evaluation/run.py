@@ -22,7 +22,7 @@ from .config import EvalConfig
 from .embed import load_scorer
 from .generation import (all_units, check_settings, generate, generated_images, load_base, unit_path,
                          write_manifests, write_settings)
-from .models import RANDOM_STAMP, MissingWeightsError, resolve_weights
+from .models import RANDOM_STAMP, resolve_weights
 from .plan import Plan, make_plan
 from .report import build_scores, summary_table, write_report
 from .scoring import collect, embed_subject
@@ -100,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
     from .config import parse_config
 
     # images and embeddings written before an interruption are kept: run again to resume
-    return run_command("evaluate.py", lambda: evaluate(parse_config(argv)), (ValueError, FileNotFoundError, PermissionError, MissingWeightsError))
+    return run_command("evaluate.py", lambda: evaluate(parse_config(argv)))

@@ -15,6 +15,7 @@ from ..inject import singlora_parameters
 from ..pipelines import check_base_exists, inject_adapters, load_pipeline, pipeline_components
 from ..targets import COMPONENT_KIND, find_targets, resolve_patterns
 from .config import TrainConfig
+from ..errors import BadInput, MissingDependency, NotWritable
 
 TINY_PREFIX, RANDOM_PREFIX = "tiny:", "random:"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,7 +36,7 @@ def resolve_base(name: str) -> str:
     kind, save = builders[prefix]
     arch = name[len(prefix):]
     if arch not in ("sd15", "sdxl"):
-        raise ValueError(f"unknown test pipeline {name!r}: choose {prefix}sd15 or {prefix}sdxl")
+        raise BadInput(f"unknown test pipeline {name!r}: choose {prefix}sd15 or {prefix}sdxl")
     cache = Path(os.environ.get("SINGLORA_CACHE", Path.home() / ".cache" / "singlora_diffusion"))
     folder = cache / f"{kind}-{arch}"
     if not (folder / "model_index.json").is_file():
@@ -58,7 +59,7 @@ def check_output_dir(path: str | Path) -> None:
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise PermissionError(f"--output_dir {path} is not writable ({e.strerror}); choose another folder") from None
+        raise NotWritable(f"--output_dir {path} is not writable ({e.strerror}); choose another folder") from None
 
 
 @dataclass
@@ -87,7 +88,7 @@ def validate(cfg: TrainConfig) -> Inputs:
         except ValueError:
             class_images = []  # none yet: they will be generated
     if cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only), "
+        raise MissingDependency("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only), "
                           "or drop the flag")
     return Inputs(base, images, class_images)
 
@@ -98,7 +99,7 @@ def check_rank_fits(model: nn.Module, cfg: TrainConfig, kind: str, targets) -> N
     for name, layer in layers.items():
         d_out, d_in = layer.weight.shape
         if cfg.rank > min(d_in, d_out):
-            raise ValueError(f"--rank {cfg.rank} is larger than layer {name} (Linear({d_in} -> {d_out})) allows "
+            raise BadInput(f"--rank {cfg.rank} is larger than layer {name} (Linear({d_in} -> {d_out})) allows "
                              f"({min(d_in, d_out)}); choose --rank <= {min(d_in, d_out)}")
 
 

@@ -20,7 +20,8 @@ def sample_grid(images, columns: int = 4):
 
 def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path) -> dict:
     """README.md + samples.png: the base model (top row) and the adapted one (bottom), same seeds."""
-    from ..generate import adapters_off, render
+    from ..adapters import adapters_off
+    from ..generate import render
 
     prompt = cfg.validation_prompt or cfg.instance_prompt
     for m in trainee.trained.values():

@@ -19,6 +19,7 @@ import signal
 from pathlib import Path
 
 import torch
+from ..errors import BadInput, WriteError
 
 STATE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -33,16 +34,12 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint that cannot be resumed from; the message names the file and says what to do."""
 
 
 class SettingsMismatch(CheckpointError):
     """A whole checkpoint written with settings this run cannot continue (another rank or adapter)."""
-
-
-class WriteError(RuntimeError):
-    """An output could not be written (full disk, file size limit); nothing complete was lost."""
 
 
 # file -> keys its (torch.load'ed) dict must have
@@ -64,7 +61,7 @@ def check_checkpoint(path: Path, cfg=None) -> dict:
         state = read_state(path)
         for key in ("step", "samples_seen"):
             if not isinstance(state.get(key), int):
-                raise ValueError(f"{STATE} has no whole-number {key!r}")
+                raise BadInput(f"{STATE} has no whole-number {key!r}")
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: {STATE} is unreadable ({e})") from None
     for name, keys in _PARTS.items():
@@ -72,7 +69,7 @@ def check_checkpoint(path: Path, cfg=None) -> dict:
             part = torch.load(path / name, weights_only=True)
             missing = [k for k in keys if k not in part]
             if missing:
-                raise ValueError(f"it lacks {missing[0]!r}")
+                raise BadInput(f"it lacks {missing[0]!r}")
         except Exception as e:  # torch raises several types for truncated or foreign files
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{path / name} is damaged ({why})") from None

@@ -19,6 +19,7 @@ import yaml
 from ..bundled import preset_names, preset_path, resolve_data_dir
 from ..config import AdapterConfig
 from ..dataclass_cli import dataclass_parser
+from ..errors import BadInput, NotFound
 
 PRECISIONS = ("no", "fp16", "bf16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -89,22 +90,22 @@ class TrainConfig(AdapterConfig):
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
                      "validation_steps", "num_validation_images", "sample_batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise BadInput(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+            raise BadInput(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+            raise BadInput(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if self.lr_scheduler not in SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+            raise BadInput(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+            raise BadInput(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
         if self.train_text_encoder and self.text_encoder_target_modules is None:
             self.text_encoder_target_modules = "attn"
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
-            raise ValueError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+            raise BadInput("--with_prior_preservation needs --class_data_dir and --class_prompt")
         for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
             if not getattr(self, name):
-                raise ValueError(f"--{name} is required (on the command line or in the --config YAML)")
+                raise BadInput(f"--{name} is required (on the command line or in the --config YAML)")
         self.instance_data_dir = resolve_data_dir(self.instance_data_dir)
 
     def to_yaml(self) -> str:
@@ -127,15 +128,15 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file() and str(path) in preset_names():
         path = preset_path(str(path))
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist; pass a YAML file or a preset name "
+        raise NotFound(f"config file {path} does not exist; pass a YAML file or a preset name "
                                 f"({', '.join(preset_names())})")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
+        raise BadInput(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; run train_dreambooth.py --help for the list")
+        raise BadInput(f"{path}: unknown setting(s) {', '.join(unknown)}; run train_dreambooth.py --help for the list")
     return data
 
 

@@ -17,18 +17,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from ..errors import BadInput
 
 _ROLES = ("instance", "class")
 _WHITE = (255, 255, 255)
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(BadInput):
     """A training image folder is missing, empty or holds nothing we can train on."""
 
 
 def _flag(role: str) -> str:
     if role not in _ROLES:
-        raise ValueError(f"role must be one of {_ROLES}, got {role!r}")
+        raise BadInput(f"role must be one of {_ROLES}, got {role!r}")
     return f"--{role}_data_dir"
 
 
@@ -135,7 +136,7 @@ def prepare_image(image: Image.Image, resolution: int, center_crop: bool, flip: 
     from torchvision.transforms.v2 import functional as TF
 
     if resolution < 8:
-        raise ValueError(f"resolution must be at least 8 pixels, got {resolution}")
+        raise BadInput(f"resolution must be at least 8 pixels, got {resolution}")
     original = (image.height, image.width)
     # Resize on the PIL image: Pillow rounds and clamps to uint8, so bicubic overshoot
     # cannot push values outside [-1, 1] after normalisation.

@@ -11,6 +11,7 @@ import torch
 
 from ..inject import attach_ramp, singlora_modules
 from ..layer import ramp
+from ..errors import UserError
 from .batches import LatentSource, PromptEncoder, sample_indices, seed_sample
 from .build import Inputs, Trainee
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -22,8 +23,8 @@ from .weights import read_weights, write_weights
 PROGRESS_FILE = "progress.json"  # step, loss, latest validation image: read by the web UI
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN/Inf: the user lowers the learning rate or resumes from an earlier checkpoint."""
 
 
 def write_progress(output_dir: Path, **fields) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+from ..errors import BadInput
 
 
 def draw_noise(shape: tuple[int, ...], noise_offset: float, num_train_timesteps: int):
@@ -20,7 +21,7 @@ def target_of(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
         return noise
     if kind == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {kind!r}")
+    raise BadInput(f"unsupported prediction_type {kind!r}")
 
 
 def per_sample_mse(pred, target) -> torch.Tensor:

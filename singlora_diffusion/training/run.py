@@ -19,7 +19,8 @@ def generate_class_images(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, ac
 
     Existing images are kept, so an interrupted generation resumes where it stopped.
     """
-    from ..generate import adapters_off, render
+    from ..adapters import adapters_off
+    from ..generate import render
     from .data import scan_images
 
     missing = cfg.num_class_images - len(inputs.class_images)
@@ -138,5 +139,4 @@ def main(argv: list[str] | None = None) -> int:
     from ..dataclass_cli import run_command
     from .config import parse_config
 
-    user_errors = (ValueError, FileNotFoundError, PermissionError, ImportError, WriteError)
-    return run_command("train_dreambooth.py", lambda: train(parse_config(argv)), user_errors)
+    return run_command("train_dreambooth.py", lambda: train(parse_config(argv)))

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from ..export import export_diffusers
-from ..format import WEIGHTS_NAME, read_adapter, save_adapter
-from ..generate import DIFFUSERS_LORA_NAME
+from ..format import WEIGHTS_NAME, diffusers_lora_name, read_adapter, save_adapter
 from ..inject import set_step, singlora_modules
 from ..targets import COMPONENT_KIND
 from .build import Trainee
+from ..errors import BadInput
 
 PEFT_NAME = "adapter_model.safetensors"
 
@@ -52,7 +52,7 @@ def read_weights(trainee: Trainee, folder: Path) -> None:
     params = trainee.named_parameters()
     missing = sorted(set(params) - set(saved))
     if missing:
-        raise ValueError(f"{folder / PEFT_NAME} lacks {len(missing)} adapter tensors, e.g. {missing[0]}; "
+        raise BadInput(f"{folder / PEFT_NAME} lacks {len(missing)} adapter tensors, e.g. {missing[0]}; "
                          f"was it written with other --adapter/--rank/--target_modules?")
     for key, p in params.items():
         p.copy_(saved[key])
@@ -82,7 +82,7 @@ def write_final(trainee: Trainee, output_dir: Path, base_model: str, cfg) -> dic
             "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in state})}
     writer = StableDiffusionXLPipeline if "text_encoder_2" in trainee.components else StableDiffusionPipeline
     writer.save_lora_weights(str(output_dir), **layers, **metadata)
-    return {"diffusers": output_dir / DIFFUSERS_LORA_NAME}
+    return {"diffusers": output_dir / diffusers_lora_name()}
 
 
 __all__ = ["write_weights", "read_weights", "write_final", "COMPONENT_KIND"]

@@ -24,7 +24,7 @@ def list_adapters(adapters_dir: Path) -> list[str]:
     Only files whose header says adapter (a SingLoRA file or LoRA keys): evaluation
     caches and other tensors are .safetensors too. Checkpoints are left out.
     """
-    from ..generate import adapter_kind
+    from ..adapters import adapter_kind
 
     def listed(p: Path) -> bool:
         parts = p.relative_to(adapters_dir).parts

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..generate import adapters_off, apply_adapter, check_adapter_file, remove_adapter, render
+from ..adapters import adapters_off, apply_adapter, check_adapter_file, remove_adapter
+from ..generate import render
 from ..inject import set_scale
 from ..pipelines import inference_dtype, load_pipeline, pipeline_components
 from . import budget

@@ -6,11 +6,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import BadInput
+
 MAX_SIDE, MAX_IMAGES, MAX_STEPS = 2048, 8, 150
 MAX_TRAIN_STEPS = 100_000
 
 
-class BadRequest(ValueError):
+class BadRequest(BadInput):
     """A user mistake; its message is shown in the UI as is."""
 
 
