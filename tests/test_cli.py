@@ -100,3 +100,14 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["merge", "--base", str(tmp_path / "empty"), "--adapter", "x", "--out", "y"]) == 2
     assert "no SingLoRA adapter at x" in capsys.readouterr().err
+
+
+def test_a_crash_that_is_not_a_user_error_keeps_its_traceback(monkeypatch, tmp_path):
+    """CUDA out of memory (a RuntimeError) or a bug must not be turned into a one-line "error"."""
+    import singlora_diffusion.format as fmt
+
+    def out_of_memory(*_a, **_k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(fmt, "read_adapter", out_of_memory)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        main(["inspect", str(tmp_path / "a.safetensors")])

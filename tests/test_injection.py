@@ -89,13 +89,9 @@ def test_text_encoder_targets_and_only_A_trains(tiny_pipeline_dir):
 
 
 def _tiny_unet():
-    from diffusers import UNet2DConditionModel
+    from singlora_diffusion.tiny import sd_unet
 
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, cross_attention_dim=16,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4), norm_num_groups=32)
+    return sd_unet(16, seed=0, layers_per_block=1, sample_size=8, plain_last=True)
 
 
 def test_inject_twice_is_refused():
