@@ -54,12 +54,12 @@ bench-memory: venv
 gpu-check-dry-run: venv
 	PYTHON=$(PY) bench/gpu_check.sh --dry-run
 
-# The paper-claim reproductions of docs/science.md (about 1 h 30 min on a CPU).
+# The paper-claim reproductions of docs/science.md, in experiments/ (about 1 h 30 min on a CPU).
 science: venv
-	$(PY) -m bench.attention_toy --seeds 20
-	$(PY) -m bench.toy_world pretrain
-	$(PY) -m bench.toy_world sweep
-	$(PY) -m bench.toy_world ramp
+	$(PY) -m experiments.attention_toy --seeds 20
+	$(PY) -m experiments.toy_world pretrain
+	$(PY) -m experiments.toy_world sweep
+	$(PY) -m experiments.toy_world ramp
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -45,7 +45,7 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=77)
 
 
-def text_encoder(width: int, seed: int = 0, with_projection: bool = False, layers: int = 5,
+def text_encoder(width: int, seed: int | None = 0, with_projection: bool = False, layers: int = 5,
                  intermediate: int = 37, max_tokens: int = 77):
     """A random CLIP text encoder with CLIP's vocabulary and special tokens."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -54,23 +54,25 @@ def text_encoder(width: int, seed: int = 0, with_projection: bool = False, layer
                             num_hidden_layers=layers, vocab_size=49408, max_position_embeddings=max_tokens,
                             projection_dim=32, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
                             hidden_act="gelu")
-    torch.manual_seed(seed)
+    if seed is not None:  # None: continue the caller's RNG stream
+        torch.manual_seed(seed)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def vae(seed: int = 0, block_out_channels=(32, 64), layers_per_block: int = 1, sample_size: int = 64):
+def vae(seed: int | None = 0, block_out_channels=(32, 64), layers_per_block: int = 1, sample_size: int = 64):
     """A random AutoencoderKL; len(block_out_channels) - 1 downsamplings (SD's real VAE has 3)."""
     from diffusers import AutoencoderKL
 
     n = len(block_out_channels)
-    torch.manual_seed(seed)
+    if seed is not None:  # None: continue the caller's RNG stream
+        torch.manual_seed(seed)
     return AutoencoderKL(block_out_channels=tuple(block_out_channels), in_channels=3, out_channels=3,
                          latent_channels=4, down_block_types=("DownEncoderBlock2D",) * n,
                          up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=layers_per_block,
                          norm_num_groups=32, sample_size=sample_size)
 
 
-def sd_unet(cross_attention_dim: int, seed: int = 0, block_out_channels=(32, 64), layers_per_block: int = 2,
+def sd_unet(cross_attention_dim: int, seed: int | None = 0, block_out_channels=(32, 64), layers_per_block: int = 2,
             sample_size: int = 32, attention_head_dim=(2, 4), plain_last: bool = False):
     """A random SD1.x-architecture UNet (CrossAttn blocks with to_q/to_k/to_v/to_out.0).
 
@@ -80,7 +82,8 @@ def sd_unet(cross_attention_dim: int, seed: int = 0, block_out_channels=(32, 64)
 
     n = len(block_out_channels)
     attn = n - 1 if plain_last else n
-    torch.manual_seed(seed)
+    if seed is not None:  # None: continue the caller's RNG stream
+        torch.manual_seed(seed)
     return UNet2DConditionModel(
         block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block, sample_size=sample_size,
         in_channels=4, out_channels=4, cross_attention_dim=cross_attention_dim,

@@ -1,4 +1,4 @@
-"""bench/attention_toy.py: the paper's Sec. 5 toy, SingLoRA vs LoRA.
+"""experiments/attention_toy.py: the paper's Sec. 5 toy, SingLoRA vs LoRA.
 
 The toy trains through a fast algebraic form (batched runs, a surrogate loss without N×N
 tensors); these tests hold it to independent references: the library's delta_weight,
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bench import attention_toy as toy
+from experiments import attention_toy as toy
 from singlora_diffusion import layer
 
 SMALL = dict(dim=16, rows=24, lora_rank=2, ramp_frac=0.1)  # T = 4 steps of 40

@@ -1,4 +1,4 @@
-"""The toy-world experiments (bench/toy_world) end to end in their --quick form, and their parts."""
+"""The toy-world experiments (experiments/toy_world) end to end in their --quick form, and their parts."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.toy_world import shapes
-from bench.toy_world.__main__ import main
+from experiments.toy_world import shapes
+from experiments.toy_world.__main__ import main
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_pretrain_writes_a_loadable_sd_pipeline(world):
 
 
 def test_sweep_and_ramp_quick(world):
-    from bench.toy_world.sweep import GRIDS, runs_of
+    from experiments.toy_world.sweep import GRIDS, runs_of
 
     for command in ("sweep", "ramp"):
         assert main([command, "--quick", "--out", str(world)]) == 0
@@ -71,7 +71,7 @@ def test_fan_in_r_init_is_pytorch_default_scale():
     """The ablation's init has entries ~U(-1/sqrt(r), 1/sqrt(r)); ours ~U(-1/sqrt(n), 1/sqrt(n))."""
     from torch import nn
 
-    from bench.toy_world.sweep import reinit_fan_in_r
+    from experiments.toy_world.sweep import reinit_fan_in_r
     from singlora_diffusion.layer import SingLoRALinear
 
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def test_cached_runs_belong_to_the_pretrained_world(world, tmp_path):
     """Re-pretraining changes the fingerprint, so a sweep cannot reuse runs of an older model."""
     import shutil
 
-    from bench.toy_world.sweep import world_id
+    from experiments.toy_world.sweep import world_id
 
     data = json.loads((world / "sweep.json").read_text())
     assert data["world"] == world_id(world)

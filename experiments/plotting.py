@@ -1,4 +1,4 @@
-"""Small matplotlib helpers shared by bench scripts: median line + IQR band on log-y axes.
+"""Small matplotlib helpers shared by the experiments: median line + IQR band on log-y axes.
 
 Agg backend is forced here, before pyplot is imported, so scripts and tests run
 headless and never need a display.

@@ -55,8 +55,6 @@ class Evaluator:
     def denoise_loss(self, pipe, images: torch.Tensor, prompts: list[str]) -> float:
         from diffusers import DDPMScheduler
 
-        from singlora_diffusion.training.loss import target_of
-
         sched = DDPMScheduler.from_config(pipe.scheduler.config)
         n_t = self.sizes.timesteps
         T = sched.config.num_train_timesteps
@@ -68,7 +66,10 @@ class Evaluator:
             t = torch.full((len(images),), int((k + 0.5) * T / n_t))
             noise = torch.randn(latents.shape, generator=g)
             pred = pipe.unet(sched.add_noise(latents, noise, t), t, states).sample
-            total += F.mse_loss(pred.float(), target_of(sched, latents, noise, t)).item()
+            # The training target as diffusers defines it (the toy world predicts epsilon).
+            v = sched.config.prediction_type == "v_prediction"
+            target = sched.get_velocity(latents, noise, t) if v else noise
+            total += F.mse_loss(pred.float(), target).item()
         return total / n_t
 
     @torch.no_grad()

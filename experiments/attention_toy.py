@@ -1,7 +1,7 @@
 """SingLoRA vs LoRA on the paper's attention toy problem (arXiv 2507.05566, Sec. 5 / Fig. 1).
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.attention_toy          # full run
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.attention_toy --quick  # ~30 s smoke version
+    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.attention_toy          # full run
+    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.attention_toy --quick  # ~30 s smoke version
 
 Frozen random Wq0, Wk0 (d×d); learn a target score matrix Z from inputs X (N×d) by
 minimising mean((X Wqᵀ Wk Xᵀ − Z)²) with AdamW. Weights are in PyTorch's (d_out, d_in)
@@ -259,7 +259,7 @@ def tables(res: dict) -> str:
 
 
 def plot(res: dict, curves_png: Path, lr_png: Path) -> None:
-    from bench.plotting import median_band, median_errorbars, plt, save
+    from experiments.plotting import median_band, median_errorbars, plt, save
 
     fams, cfg = list(res["main"]), res["config"]
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 4), squeeze=False)
@@ -284,7 +284,7 @@ def plot(res: dict, curves_png: Path, lr_png: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.attention_toy", description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--seeds", type=int), a("--iters", type=int), a("--lr", type=float, default=1e-4)
     a("--dim", type=int, default=128), a("--rows", type=int, default=128), a("--lora-rank", type=int, default=4)

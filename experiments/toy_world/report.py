@@ -93,14 +93,14 @@ def errorbar(ax, x, values: list[list[float]], **kw) -> None:
 
 def metric_panels():
     """One panel per metric, side by side."""
-    from bench.plotting import plt
+    from experiments.plotting import plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
     return fig, list(zip(axes, METRICS.items()))
 
 
 def finish(fig, axes, title: str, path: Path) -> None:
-    from bench.plotting import save
+    from experiments.plotting import save
 
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
@@ -158,7 +158,7 @@ def first_four(path: Path):
 
 def samples_figure(data: dict, world: Path, path: Path, command: str) -> None:
     """Generated 'a sks shape' images of the first seed: one row per method (sweep) or setting (ramp)."""
-    from bench.plotting import plt, save
+    from experiments.plotting import plt, save
 
     from .sweep import key
 
@@ -205,7 +205,7 @@ def pretrain_figure(world: Path, path: Path) -> None:
     """What pretraining learned: 4 samples per caption, and the subject's prompt before fine-tuning."""
     import torch
 
-    from bench.plotting import plt, save
+    from experiments.plotting import plt, save
     from singlora_diffusion.generate import render
     from singlora_diffusion.pipelines import load_pipeline
 

@@ -92,10 +92,7 @@ def reinit_fan_in_r(model) -> int:
 
 
 def train_and_measure(world: Path, run: dict, grid: Grid, evaluator: Evaluator) -> dict:
-    from singlora_diffusion.training.build import build, validate
-    from singlora_diffusion.training.config import TrainConfig
-    from singlora_diffusion.training.loop import TrainingDiverged, fit
-    from singlora_diffusion.training.run import make_accelerator
+    from singlora_diffusion.training import TrainConfig, TrainingDiverged, build, fit, make_accelerator, validate
 
     workdir = Path(tempfile.mkdtemp(prefix="toy-run-"))
     ramp = None if run["ramp_frac"] is None else round(run["ramp_frac"] * grid.steps)
@@ -129,13 +126,12 @@ def train_and_measure(world: Path, run: dict, grid: Grid, evaluator: Evaluator) 
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
-    """(N, 3, H, W) in [-1, 1] -> one PNG row, with the trainer's sample_grid."""
+    """(N, 3, H, W) in [-1, 1] -> one PNG row."""
+    from diffusers.utils import make_image_grid
     from torchvision.transforms.functional import to_pil_image
 
-    from singlora_diffusion.training.card import sample_grid
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    sample_grid([to_pil_image((im.clamp(-1, 1) + 1) / 2) for im in images], columns=len(images)).save(path)
+    make_image_grid([to_pil_image((im.clamp(-1, 1) + 1) / 2) for im in images], rows=1, cols=len(images)).save(path)
 
 
 def base_metrics(world: Path, evaluator: Evaluator) -> dict:
@@ -172,7 +168,7 @@ def world_id(world: Path) -> str:
 
 def main(command: str, world: Path, quick: bool, plots: Path) -> int:
     if not (world / "model" / "model_index.json").is_file() or not (world / "extractor.pt").is_file():
-        raise SystemExit(f"no pretrained toy world in {world}: run `python -m bench.toy_world pretrain"
+        raise SystemExit(f"no pretrained toy world in {world}: run `python -m experiments.toy_world pretrain"
                          f"{' --quick' if quick else ''} --out {world}` first")
     grid = GRIDS[(command, quick)]
     out = world / f"{command}.json"

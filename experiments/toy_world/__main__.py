@@ -1,4 +1,4 @@
-"""python -m bench.toy_world {pretrain,sweep,ramp} [--quick]: see docs/science.md."""
+"""python -m experiments.toy_world {pretrain,sweep,ramp} [--quick]: see docs/science.md."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ PRETRAIN = {"n_images": (8000, 512), "vae_steps": (600, 60), "denoiser_steps": (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.toy_world", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m experiments.toy_world", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("pretrain", "sweep", "ramp"):
         p = sub.add_parser(name)

@@ -15,32 +15,21 @@ TEXT_WIDTH = 64
 
 
 def build_pipeline(seed: int = 0):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """The untrained toy pipeline; its weights are those the committed results were pretrained from.
 
-    from singlora_diffusion.tiny import BOS_ID, EOS_ID, clip_tokenizer
+    One RNG stream, seeded once and drawn by the text encoder, the VAE and the UNet in
+    that order (seed=None tells tiny's factories to continue it).
+    """
+    from singlora_diffusion import tiny
 
     torch.manual_seed(seed)
-    tokenizer = clip_tokenizer()
+    tokenizer = tiny.clip_tokenizer()
     tokenizer.model_max_length = MAX_TOKENS
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=TEXT_WIDTH, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=49408, max_position_embeddings=MAX_TOKENS, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        pad_token_id=EOS_ID, hidden_act="gelu"))
+    text_encoder = tiny.text_encoder(TEXT_WIDTH, None, layers=2, intermediate=128, max_tokens=MAX_TOKENS)
     # 32 px images -> 16x16x4 latents (one downsampling), as SD's 8x is too much for 32 px.
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=32, sample_size=32)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
-        cross_attention_dim=TEXT_WIDTH, attention_head_dim=(2, 4), norm_num_groups=32)
-    # SD1.x's noise schedule, epsilon prediction.
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    vae = tiny.vae(None, sample_size=32)
+    unet = tiny.sd_unet(TEXT_WIDTH, None, layers_per_block=1, sample_size=16)
+    return tiny.sd_pipeline(unet, vae, text_encoder, tokenizer)  # SD1.x's noise schedule, epsilon prediction
 
 
 class FeatureNet(nn.Module):

@@ -1,4 +1,4 @@
-"""`python -m bench.toy_world pretrain`: make the pretrained model the sweeps fine-tune.
+"""`python -m experiments.toy_world pretrain`: make the pretrained model the sweeps fine-tune.
 
 Three stages, all from scratch on procedurally drawn shapes (shapes.py):
   1. the VAE (reconstruction + a small KL term),
@@ -15,7 +15,6 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
