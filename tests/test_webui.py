@@ -115,7 +115,7 @@ def test_same_name_uploads_never_overwrite(ui, tmp_path):
     with pytest.raises(Exception, match="not an adapter"):
         status_after_upload(client, broken)
     assert uploads_of(adapters) == kept and app.engine.adapter == loaded
-    assert not list((adapters / "uploads" / ".incoming").iterdir())
+    assert not [p.name for p in (adapters / "uploads").iterdir() if p.name.startswith(".")]  # no temporary left
     # uploading the first file again loads it again (same bytes: the same stored file)
     status_after_upload(client, first)
     assert uploads_of(adapters) == kept
@@ -292,7 +292,7 @@ def test_concurrent_requests_run_one_at_a_time(ui, monkeypatch):
 
 
 def test_adapter_list_holds_adapter_files_only(ui):
-    from singlora_diffusion.webui.app import list_adapters
+    from singlora_diffusion.webui.handlers import list_adapters
 
     _, _, adapters, _ = ui
     cache = adapters / "evaluations" / "run1" / "embeddings"
@@ -328,7 +328,7 @@ def test_folders_made_in_the_same_second_are_distinct(tmp_path):
 
 
 def test_train_tab_class_sets_prompt_and_folder_for_every_preset(tmp_path):
-    from singlora_diffusion.webui.app import class_args
+    from singlora_diffusion.webui.jobs import class_args
     from singlora_diffusion.webui.requests import BadRequest
 
     for preset in ("demo", "sd15", "sdxl", "paper"):
@@ -344,7 +344,7 @@ def test_train_tab_trains_cancels_and_lists_the_adapter(ui, monkeypatch):
     subject = adapters / "subject"
     shutil.copytree(Path(__file__).resolve().parents[1] / "singlora_diffusion/assets/dog3", subject)
     assert "Training in" in client.predict(None, "subject", "a photo of sks dog", "dog", "demo", 2, api_name="/train")
-    from singlora_diffusion.webui.app import list_adapters
+    from singlora_diffusion.webui.handlers import list_adapters
 
     deadline = time.time() + 300
     while not client.predict(api_name="/training_status")[0].startswith("finished"):
@@ -361,7 +361,7 @@ def test_train_tab_trains_cancels_and_lists_the_adapter(ui, monkeypatch):
     from singlora_diffusion.webui.jobs import thread_share
 
     server, trainer = thread_share(os.cpu_count())
-    environ = Path(f"/proc/{app.training['job'].proc.pid}/environ").read_bytes().split(b"\0")
+    environ = Path(f"/proc/{app.app_state.job.proc.pid}/environ").read_bytes().split(b"\0")
     assert f"OMP_NUM_THREADS={trainer}".encode() in environ
     from singlora_diffusion.webui import engine as engine_module
 

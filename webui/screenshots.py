@@ -8,7 +8,6 @@ captures each tab.
 """
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,15 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
-
-
 def main() -> int:
     from playwright.sync_api import sync_playwright
 
     from singlora_diffusion.webui.app import build_app
+    from singlora_diffusion.webui.browser import generate_in_page, launch
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--adapters_dir", default="outputs")
@@ -34,14 +29,11 @@ def main() -> int:
     _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=FLAGS)
+            browser = launch(pw)
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.goto(url)
             adapters = [o for o in app.engine.out_dir.parent.parent.rglob("singlora_weights.safetensors")]
-            page.get_by_label("Prompt", exact=True).fill("a photo of sks dog on the beach")
-            page.get_by_role("button", name="Generate", exact=True).click()
-            page.locator("#gallery img[src*='gradio_api/file=']").first.wait_for(state="visible", timeout=120_000)
-            page.wait_for_timeout(500)
+            generate_in_page(page, "a photo of sks dog on the beach")
             page.screenshot(path=f"{args.out}/webui-generate.png", full_page=True)
             for tab in ("Train", "Evaluate"):
                 button = page.get_by_role("tab", name=tab)

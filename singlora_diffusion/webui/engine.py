@@ -5,11 +5,13 @@ to its last image, and loading a base, switching adapter or adding an upload tak
 the same lock, so they wait for a running generation and never change it midway
 (the web UI also queues them all in one line). Only cancel() and progress are
 read without it.
+
+The engine owns the model's state (base, adapter, strength), renders, the request
+budget's check, cancelling, the PNGs it writes and uploaded adapter files.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import threading
 import time
@@ -17,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import adapters_off, apply_adapter, check_adapter_file, remove_adapter
+from ..adapters import adapters_off, apply_adapter, check_adapter_file, remove_adapter, set_strength
+from ..errors import UserError
+from ..files import atomic_path
 from ..generate import render
-from ..inject import set_scale
-from ..pipelines import inference_dtype, load_pipeline, pipeline_components
+from ..pipelines import inference_dtype, load_pipeline
 from . import budget
 from .requests import BadRequest, GenerateRequest
 
@@ -56,15 +59,11 @@ class Engine:
 
     # -- model state (writers: hold the lock) --------------------------------------------
     def load_base(self, base: str) -> None:
-        from ..training.build import resolve_base
-
+        """A hub id, a local folder or a test name (tiny:sd15); one that does not load raises a UserError."""
         with self.lock:
             if base == self.base and self.pipe is not None:
                 return
-            try:
-                pipe = load_pipeline(resolve_base(base), dtype=inference_dtype(self.device), device=self.device)
-            except (OSError, ValueError) as e:
-                raise BadRequest(f"Could not load base model {base!r}: {e}") from None
+            pipe = load_pipeline(base, dtype=inference_dtype(self.device), device=self.device)
             pipe.vae.enable_slicing()  # decode one image at a time: the budget counts one decode's memory
             self.base, self.pipe, self.cost_model = base, pipe, budget.CostModel(pipe)
             self.adapter = self._adapter_id = self.kind = self.note = None
@@ -90,10 +89,12 @@ class Engine:
             try:
                 check_upload_size(path)
                 self._load(path, allow_partial)  # apply_adapter checks the file before it touches the model
-            except Exception as e:  # any failure: undo whatever part was loaded, report, keep serving
+            except Exception as e:  # any failure: undo whatever part was loaded, keep serving
                 self._unload()
                 if previous is not None and previous.is_file():
                     self._load(previous, previous_partial)
+                if not isinstance(e, UserError):
+                    raise  # a bug or a machine failure keeps its traceback
                 raise BadRequest(f"{path.name} is not an adapter for this base model: {e}") from None
 
     def add_upload(self, src: Path, uploads: Path, allow_partial: bool = False) -> Path:
@@ -101,23 +102,21 @@ class Engine:
 
         The name carries the content's hash, so an upload never replaces another file
         (same name, other bytes: another file; same bytes: the same file). The bytes
-        are checked in full before the file appears under that name.
+        are checked in full (in the server's own copy of the upload, which is what was
+        hashed) before a hidden temporary copy is renamed to that name.
         """
         check_upload_size(src)
         digest = _sha256(src)
         dest = uploads / f"{Path(src.name).stem}-{digest[:12]}.safetensors"
-        uploads.mkdir(parents=True, exist_ok=True)
         existed = dest.is_file()
         if not existed:
-            tmp = uploads / ".incoming" / dest.name  # a hidden folder: not listed while it is copied and checked
-            tmp.parent.mkdir(exist_ok=True)
-            shutil.copyfile(src, tmp)
             try:
-                check_adapter_file(tmp)
-            except Exception as e:
-                tmp.unlink(missing_ok=True)
+                check_adapter_file(src)
+            except UserError as e:
                 raise BadRequest(f"{src.name} is not an adapter for this base model: {e}") from None
-            os.replace(tmp, dest)
+            uploads.mkdir(parents=True, exist_ok=True)
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(src, tmp)
         try:
             self.set_adapter(dest, allow_partial)
         except BadRequest:
@@ -125,13 +124,6 @@ class Engine:
                 dest.unlink(missing_ok=True)  # only the file this upload created
             raise
         return dest
-
-    def _strength(self, scale: float) -> None:
-        if self.kind == "singlora":
-            for model in pipeline_components(self.pipe).values():
-                set_scale(model, scale)
-        elif self.kind == "lora":
-            self.pipe.set_adapters(["default"], adapter_weights=[scale])
 
     # -- rendering -----------------------------------------------------------------------
     def limits(self) -> budget.Limits:
@@ -177,7 +169,8 @@ class Engine:
         info.add_text("parameters", req.metadata(base=self.base, adapter=self.adapter and self.adapter.name,
                                                  image=tag, index=i))
         path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{req.seed}-{tag}-{i}-{time.monotonic_ns()}.png"
-        image.save(path, pnginfo=info)
+        with atomic_path(path) as tmp:  # Gradio serves the file: never half of it
+            image.save(tmp, format="PNG", pnginfo=info)  # the temporary's name ends .tmp: say the format
         return path
 
     def _prune(self) -> None:
@@ -189,7 +182,7 @@ class Engine:
     def generate(self, req: GenerateRequest, report=None) -> list[Path]:
         with self.lock:
             budget.check(self.cost(req), self.limits())  # before any work
-            self._strength(req.strength)
+            set_strength(self.pipe, req.strength)
             return self._render(req, "adapted" if self.kind else "base", report)
 
     def compare(self, req: GenerateRequest, report=None) -> tuple[list[Path], list[Path]]:
@@ -200,7 +193,7 @@ class Engine:
             budget.check(self.cost(req, renders=2), self.limits())
             with adapters_off(self.pipe):
                 base = self._render(req, "base", report)
-            self._strength(req.strength)
+            set_strength(self.pipe, req.strength)
             return base, self._render(req, "adapted", report)
 
 

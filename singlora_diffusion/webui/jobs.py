@@ -1,7 +1,12 @@
-"""A training run in a background process: start, poll its progress, cancel cleanly."""
+"""A training run in a background process: the trainer's arguments for a Train-tab request,
+start, poll its progress, cancel cleanly.
+
+The one module of the web UI that knows the trainer: it reads the presets through the
+trainer's public surface (singlora_diffusion.training) and runs the installed trainer
+in a process of its own.
+"""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -9,10 +14,35 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..training.loop import PROGRESS_FILE
+from ..files import read_progress
+from .requests import BadRequest
 
 # Train-tab choice -> shipped preset (singlora_diffusion/configs/, package data)
 PRESETS = {"demo": "demo", "sd15": "sd15", "sdxl": "sdxl", "paper": "paper_sd15"}
+
+
+def class_args(preset: str, class_name: str | None, adapters_dir: Path) -> list[str]:
+    """The Train tab's class for every preset: its prompt and its own class-image folder.
+
+    Presets with prior preservation name a class folder of their own (dog images for
+    sd15): a cat subject must not train against them, so the folder follows the class.
+    Class images are generated once per class and reused by later runs.
+    """
+    from ..training import load_yaml
+
+    name = (class_name or "").strip()
+    if not name:
+        if load_yaml(PRESETS[preset]).get("with_prior_preservation"):
+            raise BadRequest(f"The {preset} preset uses prior preservation: give the subject's class, e.g. 'dog'.")
+        return []
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "class"
+    return ["--class_prompt", f"a photo of {name}", "--class_data_dir", str(adapters_dir / "class_images" / slug)]
+
+
+def trainer_args(preset: str, data: Path, instance_prompt: str, steps: int, extra: list[str]) -> list[str]:
+    """The trainer's command line for a checked Train-tab request (TrainingJob adds --output_dir)."""
+    return ["--config", PRESETS[preset], "--instance_data_dir", str(data), "--instance_prompt", instance_prompt,
+            "--max_train_steps", str(steps), *extra]
 
 
 @dataclass
@@ -60,13 +90,7 @@ class TrainingJob:
             self.proc.send_signal(signal.SIGINT)
 
     def status(self) -> Status:
-        progress = {}
-        path = self.output_dir / PROGRESS_FILE
-        if path.is_file():
-            try:
-                progress = json.loads(path.read_text())
-            except ValueError:
-                progress = {}  # being rewritten right now: next poll
+        progress = read_progress(self.output_dir)  # {} before the first step
         code = self.proc.poll()
         state = "running" if code is None else "cancelled" if self.cancelled else "finished" if code == 0 else "failed"
         message = ""
