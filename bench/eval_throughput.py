@@ -51,7 +51,7 @@ def make_images(folder: Path, prompts: int, seeds: int, side: int = 512) -> list
     from PIL import Image
 
     from singlora_diffusion.bundled import bundled_subject
-    from singlora_diffusion.evaluation.images import GeneratedImage
+    from singlora_diffusion.evaluation.generation import ADAPTER, GeneratedImage
     from singlora_diffusion.evaluation.protocol import Prompt
 
     photos = sorted(bundled_subject().glob("*.jpg"))
@@ -64,7 +64,7 @@ def make_images(folder: Path, prompts: int, seeds: int, side: int = 512) -> list
                 image = photo.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
             path = folder / f"{prompt.text}_{seed}.png"
             image.save(path)
-            images.append(GeneratedImage(path, prompt, seed))
+            images.append(GeneratedImage("bench", ADAPTER, prompt, seed, path))
     return images
 
 
@@ -85,7 +85,7 @@ def sync(device: torch.device) -> None:
 
 def preprocessed(scorer, paths, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The very batches embed_images feeds the models, made once, untimed."""
-    from singlora_diffusion.evaluation.preprocess import prepare
+    from singlora_diffusion.evaluation.scorer import prepare
 
     pairs = [prepare(p, scorer.dino_preprocess, scorer.clip_preprocess) for p in paths]
     return [(torch.stack([d for d, _ in pairs[i:i + batch]]).to(scorer.device),
@@ -114,22 +114,73 @@ def embed_images(scorer, paths, batch: int) -> tuple[float, float]:
 def embed_subject(scorer, images, photos, batch: int, scratch: Path) -> tuple[float, float]:
     """The evaluation's own scoring phase for one subject, from an empty cache."""
     from singlora_diffusion.evaluation.config import EvalConfig
+    from singlora_diffusion.evaluation.generation import ADAPTER
     from singlora_diffusion.evaluation.plan import Subject
     from singlora_diffusion.evaluation.scoring import embed_subject as run
 
     shutil.rmtree(scratch, ignore_errors=True)
     cfg = EvalConfig(out=str(scratch), subject_dir="unused", score_batch_size=batch)
     start = clock()
-    run(scorer, Subject("bench", "dog", tuple(photos)), {"adapter": images}, cfg)
+    run(scorer, Subject("bench", "dog", tuple(photos)), {ADAPTER: images}, cfg)
     sync(scorer.device)
     return since(start)
 
 
+def run_rounds(scorer, s: dict, photos: list, work: Path) -> tuple[dict, dict, int, int]:
+    """Every measure once per round, in rotating order: (times, image counts, generated images, texts)."""
+    from singlora_diffusion.evaluation.protocol import clip_t_text
+
+    images = make_images(work / "images", s["prompts"], s["seeds"])
+    paths = [im.path for im in images]
+    texts = sorted({clip_t_text(im.prompt.text, "sks", True) for im in images})
+    generated = preprocessed(scorer, paths, s["batch"])
+    subject = generated + preprocessed(scorer, photos, s["batch"])
+    tokens = scorer.tokenizer(texts).to(scorer.device)
+    # warm-up: first calls allocate, pick kernels and fill the page cache
+    raw_forward(scorer, generated[:1], tokens)
+    embed_images(scorer, paths[: s["batch"]], s["batch"])
+    measures = {
+        "raw image forward": lambda: raw_forward(scorer, generated),
+        "embed_images": lambda: embed_images(scorer, paths, s["batch"]),
+        "raw subject forward": lambda: raw_forward(scorer, subject, tokens),
+        "embed_subject": lambda: embed_subject(scorer, images, photos, s["batch"], work / "cache"),
+    }
+    n = len(paths)
+    counts = {"raw image forward": n, "embed_images": n, "raw subject forward": n + len(photos),
+              "embed_subject": n + len(photos)}
+    times: dict[str, list] = {name: [] for name in measures}
+    names = list(measures)
+    for r in range(s["rounds"]):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotating order
+            times[name].append(measures[name]())
+    return times, counts, n, len(texts)
+
+
+def print_table(times: dict, counts: dict) -> tuple[dict, dict]:
+    """The ratio table and the goal's verdict; returns (images/s, images per CPU-second) per measure."""
+    rate = {m: [counts[m] / wall for wall, _ in ts] for m, ts in times.items()}
+    cpu_rate = {m: [counts[m] / cpu for _, cpu in ts] for m, ts in times.items()}
+    print("\n| measure | images | images/s | x ceiling | images per CPU-second | x ceiling (CPU time) |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    summary = {}
+    for name in times:
+        base = CEILING.get(name, name)
+        ratios = [a / b for a, b in zip(rate[name], rate[base])]
+        cpu_ratios = [a / b for a, b in zip(cpu_rate[name], cpu_rate[base])]
+        summary[name] = statistics.median(ratios), statistics.median(cpu_ratios)
+        print(f"| {name} | {counts[name]} | {statistics.median(rate[name]):.2f} | {summary[name][0]:.2f}x "
+              f"[{min(ratios):.2f}, {max(ratios):.2f}] | {statistics.median(cpu_rate[name]):.2f} | "
+              f"{summary[name][1]:.2f}x [{min(cpu_ratios):.2f}, {max(cpu_ratios):.2f}] |")
+    wall, cpu = summary["embed_subject"]
+    verdict = lambda r: "meets" if r >= GOAL else "MISSES"
+    print(f"\nembed_subject {wall:.2f}x its raw forward in images/s ({verdict(wall)} >= {GOAL:.2f}x), "
+          f"{cpu:.2f}x in images per CPU-second ({verdict(cpu)} >= {GOAL:.2f}x)")
+    return rate, cpu_rate
+
+
 def main(argv: list[str] | None = None) -> None:
     from singlora_diffusion.bundled import bundled_subject
-    from singlora_diffusion.evaluation.embed import load_scorer
-    from singlora_diffusion.evaluation.models import Weights
-    from singlora_diffusion.evaluation.protocol import clip_t_text
+    from singlora_diffusion.evaluation.scorer import Weights, load_scorer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 prompts x 2 seeds, 2 photos, batch 2, 1 round")
@@ -144,53 +195,15 @@ def main(argv: list[str] | None = None) -> None:
     photos = sorted(bundled_subject().glob("*.jpg"))[: s["photos"]]
     work = Path(tempfile.mkdtemp(prefix="eval_throughput_"))
     try:
-        images = make_images(work / "images", s["prompts"], s["seeds"])
-        paths = [im.path for im in images]
-        texts = sorted({clip_t_text(im.prompt.text, "sks", True) for im in images})
-        generated = preprocessed(scorer, paths, s["batch"])
-        subject = generated + preprocessed(scorer, photos, s["batch"])
-        tokens = scorer.tokenizer(texts).to(scorer.device)
-        # warm-up: first calls allocate, pick kernels and fill the page cache
-        raw_forward(scorer, generated[:1], tokens)
-        embed_images(scorer, paths[: s["batch"]], s["batch"])
-        measures = {
-            "raw image forward": lambda: raw_forward(scorer, generated),
-            "embed_images": lambda: embed_images(scorer, paths, s["batch"]),
-            "raw subject forward": lambda: raw_forward(scorer, subject, tokens),
-            "embed_subject": lambda: embed_subject(scorer, images, photos, s["batch"], work / "cache"),
-        }
-        n = len(paths)
-        counts = {"raw image forward": n, "embed_images": n, "raw subject forward": n + len(photos),
-                  "embed_subject": n + len(photos)}
-        times: dict[str, list] = {name: [] for name in measures}
-        names = list(measures)
-        for r in range(s["rounds"]):
-            for name in names[r % len(names):] + names[: r % len(names)]:  # rotating order
-                times[name].append(measures[name]())
+        times, counts, n, texts = run_rounds(scorer, s, photos, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    rate = {m: [counts[m] / wall for wall, _ in ts] for m, ts in times.items()}
-    cpu_rate = {m: [counts[m] / cpu for _, cpu in ts] for m, ts in times.items()}
     threads = torch.get_num_threads()
     print(f"device {device}, {threads} torch threads, {os.cpu_count()} cores; {n} generated PNGs 512x512 "
-          f"({s['prompts']} prompts x {s['seeds']} seeds), {len(photos)} real photos, {len(texts)} texts, "
+          f"({s['prompts']} prompts x {s['seeds']} seeds), {len(photos)} real photos, {texts} texts, "
           f"batch {s['batch']}, {s['rounds']} round(s); random weights, float32")
-    print("\n| measure | images | images/s | x ceiling | images per CPU-second | x ceiling (CPU time) |\n"
-          "|---|---:|---:|---:|---:|---:|")
-    summary = {}
-    for name in names:
-        base = CEILING.get(name, name)
-        ratios = [a / b for a, b in zip(rate[name], rate[base])]
-        cpu_ratios = [a / b for a, b in zip(cpu_rate[name], cpu_rate[base])]
-        summary[name] = statistics.median(ratios), statistics.median(cpu_ratios)
-        print(f"| {name} | {counts[name]} | {statistics.median(rate[name]):.2f} | {summary[name][0]:.2f}x "
-              f"[{min(ratios):.2f}, {max(ratios):.2f}] | {statistics.median(cpu_rate[name]):.2f} | "
-              f"{summary[name][1]:.2f}x [{min(cpu_ratios):.2f}, {max(cpu_ratios):.2f}] |")
-    wall, cpu = summary["embed_subject"]
-    verdict = lambda r: "meets" if r >= GOAL else "MISSES"
-    print(f"\nembed_subject {wall:.2f}x its raw forward in images/s ({verdict(wall)} >= {GOAL:.2f}x), "
-          f"{cpu:.2f}x in images per CPU-second ({verdict(cpu)} >= {GOAL:.2f}x)")
+    rate, cpu_rate = print_table(times, counts)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "settings": s, "device": device, "threads": threads, "cpu": platform.processor() or platform.machine(),

@@ -8,7 +8,7 @@ Every flag: `python eval/evaluate.py --help`; the protocol and the decisions: do
 """
 import sys
 
-from singlora_diffusion.evaluation.run import main
+from singlora_diffusion.evaluation import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,9 +13,8 @@ import torch
 from PIL import Image
 
 from singlora_diffusion.bundled import bundled_subject
-from singlora_diffusion.evaluation import embed, generation, run
-from singlora_diffusion.evaluation.embed import load_scorer
-from singlora_diffusion.evaluation.models import RANDOM_STAMP, Weights
+from singlora_diffusion.evaluation import generation, run
+from singlora_diffusion.evaluation.scorer import RANDOM_STAMP, Scorer, Weights, load_scorer
 from singlora_diffusion.format import save_adapter
 
 from .helpers import adapted_pipeline, free_port
@@ -66,10 +65,10 @@ def count_calls(mp) -> dict:
             return original(*args, **kwargs)
         mp.setattr(owner, name, counted)
 
-    wrap(generation, "render_batch", lambda pipe, units, cfg: len(units))
+    wrap(generation, "render_batch", lambda pipe, images, cfg: len(images))
     wrap(run, "load_base")
-    wrap(embed.Scorer, "embed_images", lambda self, sources, *a, **k: len(list(sources)))
-    wrap(embed.Scorer, "embed_texts", lambda self, texts, *a, **k: len(texts))
+    wrap(Scorer, "embed_images", lambda self, sources, *a, **k: len(list(sources)))
+    wrap(Scorer, "embed_texts", lambda self, texts, *a, **k: len(texts))
     return calls
 
 
@@ -274,7 +273,7 @@ def test_offline_without_weights_stops_before_any_diffusion_model(adapter_file, 
 @pytest.mark.parametrize("args, message", [
     (["--out", "X"], "exactly one of --subject_dir"),
     (["--out", "X", "--subject_dir", "NOPE"], "--subject_dir NOPE: no such folder"),
-    (["--out", "X", "--subject_dir", "PHOTOS", "--adapter", "NOPE.safetensors"], "adapter NOPE.safetensors does not"),
+    (["--out", "X", "--subject_dir", "PHOTOS", "--adapter", "NOPE.safetensors"], "no adapter at NOPE.safetensors"),
     (["--out", "X", "--subject_dir", "PHOTOS", "--images_dir", "PHOTOS", "--baseline"], "does not combine"),
     (["--out", "X", "--subject_dir", "PHOTOS", "--subject_name", "mine", "--base", "B"], "its class is unknown"),
 ])
@@ -321,7 +320,7 @@ def test_two_processes_share_the_work_and_cover_every_image_once(adapter_file, p
 
 
 def test_embedding_cache_reuses_rows_only_under_the_same_identity(tmp_path):
-    from singlora_diffusion.evaluation.cache import cached_embeddings
+    from singlora_diffusion.evaluation.scoring import cached_embeddings
 
     computed = []
 
@@ -338,3 +337,40 @@ def test_embedding_cache_reuses_rows_only_under_the_same_identity(tmp_path):
     assert computed[-1] == [0]
     with pytest.raises(KeyError, match="no embedding for 'w'"):
         cached_embeddings(path, "models B", ["w"])                          # reading never computes
+
+
+def test_an_images_dir_keeps_quiet_about_our_own_files_and_names_the_others(tmp_path):
+    from singlora_diffusion.evaluation.generation import IMAGES, GeneratedImage, read_images_dir
+    from singlora_diffusion.evaluation.protocol import Prompt
+
+    folder = tmp_path / "generated"
+    folder.mkdir()
+    shutil.copy(PHOTOS[0], folder / "a sks dog_0.jpg")
+    (folder / "settings.json").write_text("{}")       # written by the evaluation beside its images
+    (folder / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="notes.txt") as caught:
+        images = read_images_dir(folder, "dog3")
+    assert not any("settings.json" in str(w.message) for w in caught)
+    assert images == [GeneratedImage("dog3", IMAGES, Prompt("a sks dog"), 0, folder / "a sks dog_0.jpg")]
+
+
+def test_the_evaluation_uses_the_core_not_the_trainer_and_imports_cheaply():
+    import ast
+
+    for path in (ROOT / "singlora_diffusion" / "evaluation").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                modules = ["." * node.level + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                assert not module.startswith(("..training", "singlora_diffusion.training")), (path.name, module)
+    # the web UI imports the public surface; the heavy libraries load only when a phase runs
+    code = ("import sys; from singlora_diffusion.evaluation import EvalConfig, evaluate, MissingWeightsError, main, "
+            "parse_config; heavy = [m for m in ('timm', 'open_clip', 'diffusers', 'accelerate') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -5,10 +5,9 @@ import torch
 from PIL import Image
 
 from singlora_diffusion.bundled import bundled_subject
-from singlora_diffusion.evaluation import models
-from singlora_diffusion.evaluation.embed import load_scorer
-from singlora_diffusion.evaluation.models import MissingWeightsError, Weights, load_dino, resolve_weights
-from singlora_diffusion.evaluation.preprocess import dino_transform, prepare
+from singlora_diffusion.evaluation import MissingWeightsError
+from singlora_diffusion.evaluation.scorer import (DINO_MODEL, Weights, dino_transform, load_dino, load_scorer, prepare,
+                                                  resolve_weights)
 
 PHOTOS = sorted(bundled_subject().glob("*.jpg"))
 
@@ -91,7 +90,7 @@ def _random_dino_state(seed):
     import timm
 
     torch.manual_seed(seed)
-    return timm.create_model(models.DINO_MODEL, pretrained=False, num_classes=0).state_dict()
+    return timm.create_model(DINO_MODEL, pretrained=False, num_classes=0).state_dict()
 
 
 def test_local_and_cached_dino_weights_are_the_ones_loaded(tmp_path, empty_hf_cache):

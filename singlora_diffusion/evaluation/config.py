@@ -8,9 +8,10 @@ Three ways in (one is required):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ..errors import BadInput
 
-PRECISIONS = ("no", "fp16", "bf16")
+from ..errors import BadInput
+from ..pipelines import PRECISIONS
+
 CLIP_T_IDENTIFIER = ("remove", "keep")
 
 
@@ -75,7 +76,7 @@ class EvalConfig:
             raise BadInput("--adapter is for one subject; with --dreambench_dir pass --adapters_dir")
         if self.images_dir is not None and (self.adapter or self.adapters_dir or self.baseline):
             raise BadInput("--images_dir scores existing images; it does not combine with --adapter, "
-                             "--adapters_dir or --baseline (which generate)")
+                           "--adapters_dir or --baseline (which generate)")
         if self.subjects is not None and self.dreambench_dir is None:
             raise BadInput("--subjects selects among --dreambench_dir subjects")
         for name in ("num_images", "steps", "batch_size", "score_batch_size"):

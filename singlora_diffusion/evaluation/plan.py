@@ -1,17 +1,14 @@
 """Phase 1: from an EvalConfig to the subjects to evaluate, checking every input before any model loads."""
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import BadInput, NotFound
 from .config import EvalConfig
-from .images import GeneratedImage, list_images, read_images_dir
-from .protocol import PROMPTS_FILE, Prompt, make_prompts, read_dreambench, read_prompt_file
-from ..errors import BadInput, NotFound, NotWritable
-
-BASE, ADAPTER, IMAGES = "base", "adapter", "images"  # methods, in report order
+from .generation import ADAPTER, BASE, IMAGES, GeneratedImage, read_images_dir
+from .protocol import PROMPTS_FILE, DreamBench, Prompt, make_prompts, read_dreambench, read_prompt_file
 
 
 @dataclass(frozen=True)
@@ -36,16 +33,6 @@ class Plan:
     dreambench_file: Path | None     # --dreambench_dir's prompts_and_classes.txt; None: the bundled copy
 
 
-def _check_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"  # one per process: several may check at once
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise NotWritable(f"--out {out}: cannot write there ({e.strerror}); pick a writable folder") from None
-
-
 def _adapter_in(adapters_dir: Path, subject: str) -> Path | None:
     from ..format import find_adapter_file
 
@@ -55,14 +42,17 @@ def _adapter_in(adapters_dir: Path, subject: str) -> Path | None:
     return None
 
 
-def _warn_identifier(adapter: Path, identifier: str) -> None:
-    """A training output folder says which prompt the adapter learned; warn if the identifier is not in it."""
+def _trainer_config(adapter: Path) -> dict:
+    """The trainer's config.yaml beside the adapter ({} when the adapter is a lone file)."""
     import yaml
 
     config = adapter.parent / "config.yaml"
-    if not config.is_file():
-        return
-    prompt = (yaml.safe_load(config.read_text()) or {}).get("instance_prompt")
+    return (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+
+
+def _warn_identifier(adapter: Path, identifier: str) -> None:
+    """A training output folder says which prompt the adapter learned; warn if the identifier is not in it."""
+    prompt = _trainer_config(adapter).get("instance_prompt")
     if prompt and identifier not in prompt.split():
         warnings.warn(f"{adapter.parent}: the adapter was trained with instance_prompt {prompt!r}, which does not "
                       f"contain --identifier {identifier!r}; pass the identifier it was trained with", UserWarning,
@@ -71,16 +61,12 @@ def _warn_identifier(adapter: Path, identifier: str) -> None:
 
 def _default_base(adapters: list[Path]) -> str | None:
     """The base model written in the adapters (native metadata, else the trainer's config.yaml)."""
-    import yaml
-
     from ..format import read_metadata
 
     bases = set()
     for adapter in adapters:
-        base = read_metadata(adapter).get("base_model")
-        if not base and (adapter.parent / "config.yaml").is_file():
-            base = (yaml.safe_load((adapter.parent / "config.yaml").read_text()) or {}).get(
-                "pretrained_model_name_or_path")
+        base = read_metadata(adapter).get("base_model") or _trainer_config(adapter).get(
+            "pretrained_model_name_or_path")
         if base:
             bases.add(base)
     if len(bases) > 1:
@@ -88,16 +74,19 @@ def _default_base(adapters: list[Path]) -> str | None:
     return bases.pop() if bases else None
 
 
-def _subject(cfg: EvalConfig, name: str, photos_dir: Path, bench, templates, adapter: Path | None,
+def _subject(cfg: EvalConfig, name: str, photos_dir: Path, bench: DreamBench, templates, adapter: Path | None,
              images_dir: Path | None) -> Subject:
-    photos = tuple(list_images(photos_dir, "--subject_dir" if cfg.subject_dir else "--dreambench_dir"))
+    from ..images import scan_images
+
+    flag = "--subject_dir" if cfg.subject_dir else "--dreambench_dir"
+    photos = tuple(scan_images(photos_dir, flag, "subject photos"))
     class_name = cfg.class_name if cfg.subject_dir and cfg.class_name else bench.classes.get(name)
     if images_dir is not None:
-        return Subject(name, class_name, photos, existing=tuple(read_images_dir(images_dir)))
+        return Subject(name, class_name, photos, existing=tuple(read_images_dir(images_dir, name)))
     needs_class = cfg.prompts == "dreambench" or any("{1}" in t or "{class}" in t for t in templates)
     if needs_class and not class_name:
         raise BadInput(f"subject {name!r}: its class is unknown (not a DreamBench subject name); pass "
-                         f"--class_name (e.g. dog, backpack)")
+                       f"--class_name (e.g. dog, backpack)")
     if cfg.prompts == "dreambench":
         templates = bench.templates_for(class_name)
     if adapter is not None:
@@ -109,62 +98,77 @@ def _subject(cfg: EvalConfig, name: str, photos_dir: Path, bench, templates, ada
     return Subject(name, class_name, photos, prompts, adapter)
 
 
+def _one_subject(cfg: EvalConfig, templates) -> list[Subject]:
+    """--subject_dir: one folder of photos, with an adapter or existing images."""
+    from ..format import find_adapter_file
+
+    photos_dir = Path(cfg.subject_dir)
+    name = cfg.subject_name or photos_dir.resolve().name
+    adapter = find_adapter_file(cfg.adapter) if cfg.adapter else None
+    images_dir = Path(cfg.images_dir) if cfg.images_dir else None
+    return [_subject(cfg, name, photos_dir, read_dreambench(), templates, adapter, images_dir)]
+
+
+def _chosen_names(cfg: EvalConfig, root: Path, folders: dict, adapters: dict, images_root: Path | None) -> list[str]:
+    """--subjects, else every subject with an adapter (--adapters_dir) or images (--images_dir), else all."""
+    if cfg.subjects:
+        names = [s.strip() for s in cfg.subjects.split(",") if s.strip()]
+        unknown = [n for n in names if n not in folders]
+        if unknown:
+            raise BadInput(f"--subjects {', '.join(unknown)}: no such folder in {root} "
+                           f"(it has {', '.join(folders) or 'none'})")
+        return names
+    if cfg.adapters_dir is not None:
+        return list(adapters)
+    if images_root is not None:
+        return [n for n in folders if (images_root / n).is_dir()]
+    return list(folders)
+
+
+def _many_subjects(cfg: EvalConfig, templates) -> tuple[list[Subject], Path | None]:
+    """--dreambench_dir: one folder of photos per subject; (subjects, its prompts_and_classes.txt)."""
+    root = Path(cfg.dreambench_dir)
+    if not root.is_dir():
+        raise NotFound(f"--dreambench_dir {root}: no such folder")
+    dreambench_file = root / PROMPTS_FILE if (root / PROMPTS_FILE).is_file() else None
+    bench = read_dreambench(dreambench_file)
+    folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    adapters_dir = Path(cfg.adapters_dir) if cfg.adapters_dir else None
+    images_root = Path(cfg.images_dir) if cfg.images_dir else None
+    for flag, folder in (("--adapters_dir", adapters_dir), ("--images_dir", images_root)):
+        if folder is not None and not folder.is_dir():
+            raise NotFound(f"{flag} {folder}: no such folder")
+    adapters = {n: a for n in folders if adapters_dir and (a := _adapter_in(adapters_dir, n))}
+    names = _chosen_names(cfg, root, folders, adapters, images_root)
+    if not names:
+        raise BadInput(f"no subject to evaluate: {root} has subject folders {', '.join(folders) or 'none'}"
+                       + (f", {adapters_dir} has adapters for none of them (expected <subject>/ or "
+                          f"<subject>.safetensors)" if adapters_dir else ""))
+    if adapters_dir is not None and (lacking := [n for n in names if n not in adapters]):
+        raise NotFound(f"--adapters_dir {adapters_dir}: no adapter for {', '.join(lacking)} "
+                       f"(expected <subject>/ holding one, or <subject>.safetensors)")
+    if images_root is not None and (lacking := [n for n in names if not (images_root / n).is_dir()]):
+        raise NotFound(f"--images_dir {images_root}: no folder for {', '.join(lacking)}")
+    subjects = [_subject(cfg, n, folders[n], bench, templates, adapters.get(n),
+                         images_root / n if images_root else None) for n in names]
+    return subjects, dreambench_file
+
+
 def make_plan(cfg: EvalConfig) -> Plan:
     """Subjects, adapters, prompts and photos, all checked; nothing heavy is loaded."""
-    from ..format import find_adapter_file
+    from ..files import check_writable
     from ..pipelines import check_base_exists
 
-    out = Path(cfg.out)
-    _check_out(out)
+    check_writable(cfg.out, "--out")
     templates = () if cfg.prompts == "dreambench" else read_prompt_file(cfg.prompts)
-    dreambench_file = None
     if cfg.subject_dir is not None:
-        photos_dir = Path(cfg.subject_dir)
-        name = cfg.subject_name or photos_dir.resolve().name
-        adapter = find_adapter_file(cfg.adapter) if cfg.adapter else None
-        images_dir = Path(cfg.images_dir) if cfg.images_dir else None
-        subjects = [_subject(cfg, name, photos_dir, read_dreambench(), templates, adapter, images_dir)]
+        subjects, dreambench_file = _one_subject(cfg, templates), None
     else:
-        root = Path(cfg.dreambench_dir)
-        if not root.is_dir():
-            raise NotFound(f"--dreambench_dir {root}: no such folder")
-        dreambench_file = root / PROMPTS_FILE if (root / PROMPTS_FILE).is_file() else None
-        bench = read_dreambench(dreambench_file)
-        folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
-        adapters_dir = Path(cfg.adapters_dir) if cfg.adapters_dir else None
-        images_root = Path(cfg.images_dir) if cfg.images_dir else None
-        for flag, folder in (("--adapters_dir", adapters_dir), ("--images_dir", images_root)):
-            if folder is not None and not folder.is_dir():
-                raise NotFound(f"{flag} {folder}: no such folder")
-        adapters = {n: a for n in folders if adapters_dir and (a := _adapter_in(adapters_dir, n))}
-        if cfg.subjects:
-            names = [s.strip() for s in cfg.subjects.split(",") if s.strip()]
-            unknown = [n for n in names if n not in folders]
-            if unknown:
-                raise BadInput(f"--subjects {', '.join(unknown)}: no such folder in {root} "
-                                 f"(it has {', '.join(folders) or 'none'})")
-        elif adapters_dir is not None:
-            names = list(adapters)
-        elif images_root is not None:
-            names = [n for n in folders if (images_root / n).is_dir()]
-        else:
-            names = list(folders)
-        if not names:
-            raise BadInput(f"no subject to evaluate: {root} has subject folders {', '.join(folders) or 'none'}"
-                             + (f", {adapters_dir} has adapters for none of them (expected <subject>/ or "
-                                f"<subject>.safetensors)" if adapters_dir else ""))
-        if adapters_dir is not None and (lacking := [n for n in names if n not in adapters]):
-            raise NotFound(f"--adapters_dir {adapters_dir}: no adapter for {', '.join(lacking)} "
-                                    f"(expected <subject>/ holding one, or <subject>.safetensors)")
-        if images_root is not None and (lacking := [n for n in names if not (images_root / n).is_dir()]):
-            raise NotFound(f"--images_dir {images_root}: no folder for {', '.join(lacking)}")
-        subjects = [_subject(cfg, n, folders[n], bench, templates, adapters.get(n),
-                             images_root / n if images_root else None) for n in names]
+        subjects, dreambench_file = _many_subjects(cfg, templates)
     base = None
     if cfg.generates:
         base = cfg.base or _default_base([s.adapter for s in subjects if s.adapter])
         if base is None:
             raise BadInput("--base is required to generate images (the adapter does not name its base model)")
-        if not base.startswith("tiny:"):
-            check_base_exists(base)
+        check_base_exists(base)  # test names (tiny:sd15) are accepted: built on first use
     return Plan(tuple(subjects), base, dreambench_file)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+
 from ..errors import BadInput, NotFound
 
 # The dataset README: "9 out of these subjects are live subjects (dogs and cats)".
@@ -63,8 +64,8 @@ def read_dreambench(path: str | Path | None = None) -> DreamBench:
             lists[-1].append(m["template"])
     if len(lists) != 2 or not classes or any(len(prompts) != 25 for prompts in lists):
         raise BadInput(f"{path}: expected the DreamBench layout (a Classes table, then the object and the "
-                         f"live prompt_list of 25 prompts each); found {len(classes)} classes and prompt lists "
-                         f"of {[len(p) for p in lists]}")
+                       f"live prompt_list of 25 prompts each); found {len(classes)} classes and prompt lists "
+                       f"of {[len(p) for p in lists]}")
     return DreamBench(classes, tuple(lists[0]), tuple(lists[1]))
 
 
@@ -73,7 +74,7 @@ def read_prompt_file(path: str | Path) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"--prompts {path}: no such file; pass 'dreambench' or a text file with one "
-                                f"prompt per line")
+                       f"prompt per line")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     templates = tuple(line for line in lines if line and not line.startswith("#"))
     if not templates:
@@ -87,7 +88,7 @@ def fill(template: str, identifier: str, class_name: str) -> str:
         text = template.format(identifier, class_name, identifier=identifier, **{"class": class_name})
     except (IndexError, KeyError, ValueError) as e:
         raise BadInput(f"prompt template {template!r}: {e!r}; use {{0}} or {{identifier}} for the identifier "
-                         f"and {{1}} or {{class}} for the class name (double other braces)") from None
+                       f"and {{1}} or {{class}} for the class name (double other braces)") from None
     return " ".join(text.split())
 
 
@@ -104,10 +105,10 @@ def check_prompt_text(text: str) -> None:
     """A prompt must be usable as an image file name (`<prompt>_<seed>.png`)."""
     if not text or "/" in text or "\\" in text or "\0" in text or text.startswith("."):
         raise BadInput(f"prompt {text!r} cannot be part of an image file name (empty, a leading '.', or a "
-                         f"'/', '\\' or NUL character); rephrase it")
+                       f"'/', '\\' or NUL character); rephrase it")
     if len(text.encode("utf-8")) > _MAX_PROMPT_BYTES:
         raise BadInput(f"prompt {text[:40]!r}... is longer than {_MAX_PROMPT_BYTES} bytes, too long for an "
-                         f"image file name; shorten it")
+                       f"image file name; shorten it")
 
 
 def remove_identifier(text: str, identifier: str) -> str:

@@ -1,4 +1,4 @@
-"""evaluate(cfg): plan -> weights -> generate -> embed -> report. What eval/evaluate.py calls.
+"""evaluate(cfg): plan -> weights -> generate -> score -> report. What eval/evaluate.py calls.
 
 Ordering constraints, each for a reason:
   1. make_plan and resolve_weights load nothing: a wrong path or missing DINO/CLIP weights
@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..files import write_text
 from .config import EvalConfig
-from .embed import load_scorer
-from .generation import (all_units, check_settings, generate, generated_images, load_base, unit_path,
-                         write_manifests, write_settings)
-from .models import RANDOM_STAMP, resolve_weights
+from .generation import (check_settings, generate, generated_images, load_base, planned_images, write_manifests,
+                         write_settings)
 from .plan import Plan, make_plan
 from .report import build_scores, summary_table, write_report
+from .scorer import RANDOM_STAMP, load_scorer, resolve_weights
 from .scoring import collect, embed_subject
 
 
@@ -37,7 +37,7 @@ def _progress(total: int, desc: str, enabled: bool):
 def generate_missing(plan: Plan, cfg: EvalConfig, state) -> None:
     """This process's share of the images not on disk yet; the main process then writes manifests."""
     rank, world = state.process_index, state.num_processes
-    todo = [u for u in all_units(plan, cfg) if not unit_path(cfg.out, u).is_file()]
+    todo = [im for im in planned_images(plan, cfg) if not im.path.is_file()]
     state.wait_for_everyone()  # all have listed what is missing before anyone writes an image
     mine = todo[rank::world]
     if mine:
@@ -77,7 +77,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Path] | None:
             warnings.warn(f"{RANDOM_STAMP}: {' and '.join(which)} run with random weights (--allow_random_weights)",
                           UserWarning, stacklevel=2)
         write_settings(out, settings)
-        (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
+        write_text(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
     if cfg.generates:
         generate_missing(plan, cfg, state)
     images = generated_images(plan, cfg)

@@ -4,32 +4,35 @@ embed_subject() runs the models on what is not cached yet: the subject's real ph
 each method's images, the CLIP-T texts. collect() reads the caches back (no model runs) and
 turns them into per-image scores with metrics.py. With several processes each subject is
 embedded by one process (subject i goes to process i mod N); the main process collects.
+
+The cache: one .safetensors file per (subject, set): the real photos (`reference`), each
+method's generated images, the CLIP-T texts. It holds one row per key (an image's
+`name:sha1`, or a text) for every field ("dino", "clip" or "text"), and in its metadata the
+keys and the identity of the models and preprocessing that made it. Rows made under another
+identity are never reused. Only one process writes a given file (scoring is sharded by subject).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import metrics
-from .cache import cached_embeddings
 from .config import EvalConfig
-from .images import GeneratedImage, file_digest
+from .generation import GeneratedImage, file_digest
 from .plan import Plan, Subject
-from .protocol import Prompt, clip_t_text
+from .protocol import clip_t_text
 
 REFERENCE, TEXTS = "reference", "texts"
 
 
 @dataclass
 class ImageScore:
-    subject: str
-    method: str
-    prompt: Prompt
-    clip_t_text: str
-    seed: int | None
-    path: Path
+    image: GeneratedImage
+    clip_t_text: str     # what CLIP-T compared the image with (the prompt, maybe without the identifier)
     dino: float
     clip_i: float
     clip_t: float
@@ -41,6 +44,64 @@ class SubjectScores:
     real_vs_real: dict[str, float | None]                        # {"dino": .., "clip_i": ..}
     images: dict[str, list[ImageScore]] = field(default_factory=dict)  # method -> per-image scores
 
+
+# -- embeddings on disk -----------------------------------------------------------------------
+
+def _read(path: Path, identity: str) -> dict[str, dict[str, torch.Tensor]]:
+    """key -> {field: row}; empty when the file is absent, unreadable or from other models."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("identity") != identity:
+                return {}
+            keys = json.loads(meta["keys"])
+            fields = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception:  # a damaged cache is recomputed, never trusted
+        return {}
+    return {key: {name: t[i] for name, t in fields.items()} for i, key in enumerate(keys)}
+
+
+def _write(path: Path, identity: str, keys: list[str], fields: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    from ..files import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in fields.items()}, str(tmp),
+                  metadata={"identity": identity, "keys": json.dumps(keys)})
+
+
+def cached_embeddings(path: Path, identity: str, keys: list[str],
+                      compute: Callable[[list[int]], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """{field: (len(keys), dim)} in the order of `keys`.
+
+    Rows missing from the cache are made by `compute(indices into keys)` and added to the
+    file; with compute=None a missing row raises KeyError. Reading never writes.
+    """
+    rows = _read(Path(path), identity)
+    missing = [i for i, key in enumerate(keys) if key not in rows]
+    if missing:
+        if compute is None:
+            raise KeyError(f"{path}: no embedding for {keys[missing[0]]!r} (and {len(missing) - 1} more); "
+                           f"run the scoring phase first")
+        new = compute(missing)
+        for j, i in enumerate(missing):
+            rows[keys[i]] = {name: t[j] for name, t in new.items()}
+        # keep the rows of other keys too: another caller may ask for them
+        everything = list(rows)
+        _write(Path(path), identity, everything,
+               {name: torch.stack([rows[k][name] for k in everything]) for name in rows[everything[0]]})
+    if not keys:
+        return {}
+    return {name: torch.stack([rows[key][name] for key in keys]) for name in rows[keys[0]]}
+
+
+# -- filling the caches (models run) ----------------------------------------------------------
 
 def embeddings_folder(out: Path, subject: str) -> Path:
     return Path(out) / "embeddings" / subject
@@ -85,6 +146,22 @@ def embed_subject(scorer, subject: Subject, images: dict[str, list[GeneratedImag
     return ran
 
 
+# -- scores from the caches (no model runs) ---------------------------------------------------
+
+def _method_scores(folder: Path, identity: str, method: str, images: list[GeneratedImage],
+                   real: dict[str, torch.Tensor], cfg: EvalConfig) -> list[ImageScore]:
+    gen = cached_embeddings(folder / f"{method}.safetensors", identity, _image_keys([im.path for im in images]))
+    texts = _texts(images, cfg)
+    unique = sorted(set(texts))
+    text_emb = cached_embeddings(folder / f"{TEXTS}.safetensors", identity, unique)["text"]
+    rows = text_emb[[unique.index(t) for t in texts]]
+    dino = metrics.image_similarity(gen["dino"], real["dino"])
+    clip_i = metrics.image_similarity(gen["clip"], real["clip"])
+    clip_t = metrics.text_similarity(gen["clip"], rows)
+    return [ImageScore(im, text, float(d), float(ci), float(ct))
+            for im, text, d, ci, ct in zip(images, texts, dino, clip_i, clip_t)]
+
+
 def collect(plan: Plan, cfg: EvalConfig, images: dict[tuple[str, str], list[GeneratedImage]],
             identity: str) -> list[SubjectScores]:
     """Per-image scores of every subject from the caches (raises KeyError if one is incomplete)."""
@@ -95,18 +172,7 @@ def collect(plan: Plan, cfg: EvalConfig, images: dict[tuple[str, str], list[Gene
         scores = SubjectScores(subject, {"dino": metrics.real_vs_real(real["dino"]),
                                          "clip_i": metrics.real_vs_real(real["clip"])})
         for method in subject.methods(cfg.baseline):
-            method_images = images[(subject.name, method)]
-            gen = cached_embeddings(folder / f"{method}.safetensors", identity,
-                                    _image_keys([im.path for im in method_images]))
-            texts = _texts(method_images, cfg)
-            unique = sorted(set(texts))
-            text_emb = cached_embeddings(folder / f"{TEXTS}.safetensors", identity, unique)["text"]
-            rows = text_emb[[unique.index(t) for t in texts]]
-            dino = metrics.image_similarity(gen["dino"], real["dino"])
-            clip_i = metrics.image_similarity(gen["clip"], real["clip"])
-            clip_t = metrics.text_similarity(gen["clip"], rows)
-            scores.images[method] = [
-                ImageScore(subject.name, method, im.prompt, text, im.seed, im.path, float(d), float(ci), float(ct))
-                for im, text, d, ci, ct in zip(method_images, texts, dino, clip_i, clip_t)]
+            scores.images[method] = _method_scores(folder, identity, method, images[(subject.name, method)], real,
+                                                   cfg)
         results.append(scores)
     return results
