@@ -10,7 +10,7 @@ All the work is in singlora_diffusion.training (config -> validate -> build -> f
 """
 import sys
 
-from singlora_diffusion.training.run import main
+from singlora_diffusion.training import main
 
 if __name__ == "__main__":
     sys.exit(main())

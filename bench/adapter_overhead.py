@@ -45,16 +45,12 @@ def cores() -> int:
 
 
 def build_unet(s: dict):
-    from diffusers import UNet2DConditionModel
+    from singlora_diffusion.tiny import sd_unet
 
-    n = len(s["block_out_channels"])
-    torch.manual_seed(0)  # every method adapts the very same base weights
-    return UNet2DConditionModel(
-        sample_size=s["latent"], in_channels=4, out_channels=4, norm_num_groups=32,
-        block_out_channels=s["block_out_channels"], layers_per_block=s["layers_per_block"],
-        cross_attention_dim=s["cross_attention_dim"], attention_head_dim=s["attention_head_dim"],
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1))
+    # seed 0: every method adapts the very same base weights; the deepest block without attention, as SD1.5's
+    return sd_unet(s["cross_attention_dim"], seed=0, block_out_channels=s["block_out_channels"],
+                   layers_per_block=s["layers_per_block"], sample_size=s["latent"],
+                   attention_head_dim=s["attention_head_dim"], plain_last=True)
 
 
 def make_batch(s: dict) -> dict:

@@ -53,11 +53,10 @@ def infer(spec: dict) -> dict:
     from singlora_diffusion.format import load_adapter
     from singlora_diffusion.generate import render
     from singlora_diffusion.inject import merge_singlora
-    from singlora_diffusion.pipelines import load_pipeline, pipeline_components
+    from singlora_diffusion.pipelines import DTYPES, load_pipeline, pipeline_components
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[spec["precision"]]
-    pipe = load_pipeline(spec["base"], dtype=dtype, device=device, vae_fp32_if_upcast=True)
+    pipe = load_pipeline(spec["base"], dtype=DTYPES[spec["precision"]], device=device, vae_fp32_if_upcast=True)
     components = pipeline_components(pipe)
     load_adapter(components, spec["adapter"])
 
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     import diffusers
     import torch
 
-    from singlora_diffusion.training.build import resolve_base
+    from singlora_diffusion.pipelines import resolve_base
 
     s = SETTINGS["dry" if args.dry_run else "full"]
     if not args.dry_run and not torch.cuda.is_available():

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     import diffusers
     import torch
 
-    from singlora_diffusion.training.build import resolve_base
+    from singlora_diffusion.pipelines import resolve_base
 
     scripts = Path(args.diffusers_scripts).resolve() if args.diffusers_scripts else None
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {os.cpu_count()} CPUs, "

@@ -83,10 +83,7 @@ def train_here(trainer: str, argv: list[str], script: str | None = None) -> dict
     register_optimizer_step_post_hook(stamp)
     loaded = None
     if trainer == "ours":
-        from singlora_diffusion.training.build import build, validate
-        from singlora_diffusion.training.config import parse_config
-        from singlora_diffusion.training.loop import fit
-        from singlora_diffusion.training.run import make_accelerator
+        from singlora_diffusion.training import build, fit, make_accelerator, parse_config, validate
 
         cfg = parse_config(argv)  # train(cfg) less class images, trackers and the final export
         inputs = validate(cfg)

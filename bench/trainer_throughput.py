@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -52,34 +51,30 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def build_bench_pipeline(folder: Path) -> Path:
-    """The 17.6M-UNet / 4-block-VAE pipeline, saved once (built aside, then renamed)."""
-    if (folder / "model_index.json").is_file():
-        return folder
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+def build_bench_pipeline():
+    """The 17.6M-UNet / 4-block-VAE pipeline: the tiny SD1.5 text encoder (width 48, seed 2) and tokenizer."""
+    from singlora_diffusion import tiny
 
-    from singlora_diffusion.tiny import build_tiny_pipeline
+    # bench/adapter_overhead.py's full-size UNet, cross-attending to the width-48 text
+    unet = tiny.sd_unet(48, seed=0, block_out_channels=(64, 128, 256), attention_head_dim=8, plain_last=True)
+    # 4 blocks = 3 downsamplings: 256 px -> 32x32, as SD's VAE maps 512 -> 64; seed None: drawn on
+    # from the UNet's stream, so the weights are those of every earlier run of this benchmark
+    vae = tiny.vae(seed=None, block_out_channels=(32, 64, 64, 64), sample_size=256)
+    return tiny.sd_pipeline(unet, vae, tiny.text_encoder(48, seed=2))
 
-    tiny = build_tiny_pipeline("sd15")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(  # bench/adapter_overhead.py's UNet, cross-attending to the width-48 text
-        sample_size=32, in_channels=4, out_channels=4, norm_num_groups=32, block_out_channels=(64, 128, 256),
-        layers_per_block=2, cross_attention_dim=48, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2)
-    vae = AutoencoderKL(  # 4 blocks = 3 downsamplings: 256 px -> 32x32, as SD's VAE maps 512 -> 64
-        block_out_channels=(32, 64, 64, 64), layers_per_block=1, in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=32, sample_size=256)
-    pipe = StableDiffusionPipeline(**{**tiny.components, "unet": unet, "vae": vae})
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent))
-    pipe.save_pretrained(tmp)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def save_bench_pipeline(folder: Path) -> Path:
+    """build_bench_pipeline() saved once as `folder` (built aside, then renamed)."""
+    from singlora_diffusion.files import atomic_path
+
+    if not (folder / "model_index.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with atomic_path(folder) as tmp:
+                build_bench_pipeline().save_pretrained(tmp)
+        except OSError:
+            if not (folder / "model_index.json").is_file():
+                raise  # not another process finishing first
     return folder
 
 
@@ -186,9 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     s.update({k: getattr(args, k) for k in ("steps", "warmup", "rounds") if getattr(args, k) is not None})
     if min(s["warmup"], s["steps"], s["rounds"]) < 1:
         ap.error("--warmup, --steps and --rounds must be >= 1 (the last warm-up step starts the clock)")
-    from singlora_diffusion.training.build import resolve_base
+    from singlora_diffusion.pipelines import resolve_base
 
-    base = resolve_base("tiny:sd15") if args.quick else str(build_bench_pipeline(Path(args.pipeline_dir)))
+    base = resolve_base("tiny:sd15") if args.quick else str(save_bench_pipeline(Path(args.pipeline_dir)))
     script = str(Path(args.diffusers_script).resolve()) if args.diffusers_script else None
     names = [n for n, (trainer, *_) in CONFIGS.items() if trainer == "ours" or script]
     import diffusers

@@ -17,6 +17,9 @@ from .format import AdapterFile, diffusers_lora_name, read_adapter
 from .layer import lowrank_factors, ramp
 
 # kohya / A1111 / ComfyUI prefixes per component; SDXL numbers its two text encoders.
+# kohya's names are written here rather than with diffusers' convert_state_dict_to_kohya: that
+# converter names the text encoder lora_te1 on every base (SD1.x files read by A1111 use lora_te)
+# and writes .alpha = rank, where these files keep the user's α beside unfolded factors.
 KOHYA_PREFIX = {
     "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},

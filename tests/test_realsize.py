@@ -151,7 +151,7 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd15_base():
-    from singlora_diffusion.training.build import resolve_base
+    from singlora_diffusion.pipelines import resolve_base
 
     start = time.perf_counter()
     base = resolve_base("random:sd15")
@@ -171,7 +171,7 @@ def test_sd15_trains_at_512_px(precision, sd15_base, photos, tmp_path):
 
 @pytest.mark.sdxl_realsize
 def test_sdxl_trains_at_1024_px_in_bf16(photos, tmp_path):
-    from singlora_diffusion.training.build import resolve_base
+    from singlora_diffusion.pipelines import resolve_base
 
     start = time.perf_counter()
     base = resolve_base("random:sdxl")

@@ -14,11 +14,9 @@ from safetensors.torch import load_file
 
 from singlora_diffusion.format import read_adapter
 from singlora_diffusion.pipelines import load_pipeline
-from singlora_diffusion.training import loop
-from singlora_diffusion.training.config import parse_config
-from singlora_diffusion.training.run import main, train
+from singlora_diffusion.training import build, fit, loop, main, make_accelerator, parse_config, train, validate
 
-from .train_helpers import tiny_config
+from .train_helpers import logged_scalars, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +45,9 @@ def test_outputs_layout_and_checkpoint_limit(tiny_pipeline_dir, tmp_path):
     pipe = load_pipeline(tiny_pipeline_dir())
     pipe.load_lora_weights(str(out))  # the diffusers export just works
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
-    events.Reload()
-    assert {"loss", "lr", "u"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Scalars("u")] == [1, 2, 3, 4]
+    scalars = logged_scalars(out)
+    assert {"loss", "lr", "u"} <= set(scalars)
+    assert [e.step for e in scalars["u"]] == [1, 2, 3, 4]
 
 
 def test_resume_from_checkpoint_equals_straight_run(tiny_pipeline_dir, tmp_path):
@@ -218,6 +213,37 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tiny_pipeline_dir, tmp_
     assert "needs bitsandbytes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,targets", [(["--train_text_encoder"], "attn"),  # diffusers' spelling
+                                           (["--text_encoder_target_modules", "q_proj,v_proj"], "q_proj,v_proj")])
+def test_both_text_encoder_spellings_train_the_text_encoder(flags, targets, tiny_pipeline_dir, tmp_path):
+    from singlora_diffusion.inject import singlora_modules
+
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_pipeline_dir()), "--instance_data_dir",
+                        "bundled:dog3", "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path),
+                        "--resolution", "64", "--rank", "2", *flags])
+    assert (cfg.train_text_encoder, cfg.text_encoder_target_modules) == (True, targets)
+    trainee = build(cfg, validate(cfg), torch.device("cpu"))
+    assert set(trainee.trained) == {"unet", "text_encoder"} and trainee.trains_text_encoders
+    adapted = {name.rsplit(".", 1)[1] for name in singlora_modules(trainee.trained["text_encoder"])}
+    expected = {"q_proj", "k_proj", "v_proj", "out_proj"} if targets == "attn" else {"q_proj", "v_proj"}
+    assert adapted == expected
+    frozen = parse_config(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "bundled:dog3",
+                           "--instance_prompt", "x"])
+    assert (frozen.train_text_encoder, frozen.text_encoder_target_modules) == (False, None)
+
+
+def test_dataloader_num_workers_is_accepted_and_said_to_be_ignored(tiny_pipeline_dir, tmp_path):
+    from singlora_diffusion.training.config import build_parser
+
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_pipeline_dir("sd15")), "--instance_data_dir",
+                        "bundled:dog3", "--instance_prompt", "x", "--output_dir", str(tmp_path),
+                        "--dataloader_num_workers", "4"])  # diffusers' command lines pass it
+    assert cfg.dataloader_num_workers == 4
+    assert "ignored: this trainer has no DataLoader" in " ".join(build_parser().format_help().split())
+    with pytest.warns(UserWarning, match="--dataloader_num_workers 4 is ignored"):
+        validate(cfg)  # said once at the start, not silently dropped
+
+
 def test_yaml_and_flags(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("pretrained_model_name_or_path: tiny:sd15\ninstance_data_dir: x\ninstance_prompt: a sks dog\n"
@@ -234,8 +260,6 @@ def test_yaml_and_flags(tmp_path):
 def test_exported_file_in_diffusers_renders_what_the_trained_model_renders(adapter, arch, tiny_pipeline_dir,
                                                                            tmp_path):
     """pytorch_lora_weights.safetensors through diffusers' own loader = the model as trained (UNet and text encoders)."""
-    from singlora_diffusion.training.build import build, validate
-    from singlora_diffusion.training.run import make_accelerator
     from singlora_diffusion.training.weights import write_final
 
     from .helpers import latents
@@ -246,7 +270,7 @@ def test_exported_file_in_diffusers_renders_what_the_trained_model_renders(adapt
     inputs = validate(cfg)
     accelerator = make_accelerator(cfg)
     trainee = build(cfg, inputs, accelerator.device)
-    loop.fit(cfg, trainee, inputs, accelerator, log=lambda *_: None)
+    fit(cfg, trainee, inputs, accelerator, log=lambda *_: None)
     write_final(trainee, tmp_path, str(base), cfg)
     for model in trainee.trained.values():
         model.eval()

@@ -1,4 +1,5 @@
 """Bad input to the trainer: one clear error before any model is loaded, nothing lost."""
+import importlib
 import shutil
 
 import pytest
@@ -16,8 +17,8 @@ def no_model_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the input was validated")
     monkeypatch.setattr(pipelines, "load_pipeline", refuse)
-    from singlora_diffusion.training import build
-    monkeypatch.setattr(build, "load_pipeline", refuse)
+    # the module: `from singlora_diffusion.training import build` is the function build()
+    monkeypatch.setattr(importlib.import_module("singlora_diffusion.training.build"), "load_pipeline", refuse)
 
 
 def _args(base, data, out, *extra):
@@ -55,7 +56,10 @@ def test_unknown_preset_and_missing_base(tiny_pipeline_dir, tmp_path, capsys, no
     assert "no such folder" in capsys.readouterr().err
 
 
-def test_rank_larger_than_a_layer_fails_before_training(tiny_pipeline_dir, tmp_path, capsys):
+def test_rank_larger_than_a_layer_fails_before_training(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("training started before the rank was checked")
+    monkeypatch.setattr(importlib.import_module("singlora_diffusion.training.run"), "fit", refuse)
     assert main(_args(tiny_pipeline_dir(), bundled_subject(), tmp_path / "out", "--rank", "40")) == 2
     err = capsys.readouterr().err
     assert "--rank 40 is larger than layer" in err and "choose --rank <= 32" in err

@@ -16,12 +16,9 @@ from safetensors.torch import load_file
 
 from singlora_diffusion.bundled import bundled_subject
 from singlora_diffusion.format import read_adapter
-from singlora_diffusion.training import loop
-from singlora_diffusion.training.build import build, validate
-from singlora_diffusion.training.config import TrainConfig, parse_config
-from singlora_diffusion.training.run import make_accelerator, train
+from singlora_diffusion.training import TrainConfig, build, loop, make_accelerator, parse_config, train, validate
 
-from .train_helpers import tiny_config
+from .train_helpers import logged_scalars, tiny_config
 
 
 def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, n=1000) -> torch.Tensor:
@@ -101,17 +98,31 @@ def test_offset_noise_is_a_per_channel_constant():
 def test_cosine_schedule_with_warmup_follows_its_formula(tiny_pipeline_dir, tmp_path):
     import math
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     out = tmp_path / "run"
     train(tiny_config(tiny_pipeline_dir(), out, max_train_steps=5, lr_scheduler="cosine", lr_warmup_steps=2,
                       learning_rate=1e-3, report_to="tensorboard"))
-    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
-    events.Reload()
-    logged = [e.value for e in events.Scalars("lr")]
+    logged = [e.value for e in logged_scalars(out)["lr"]]
     # the lr in force after optimizer step t: linear warm-up over 2 steps, then half a cosine to 0 at step 5
     expected = [1e-3 * (t / 2 if t < 2 else 0.5 * (1 + math.cos(math.pi * (t - 2) / 3))) for t in range(1, 6)]
     assert logged == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_logged_loss_is_the_mean_over_the_accumulated_micro_batches(tiny_pipeline_dir, tmp_path, monkeypatch):
+    seen = []
+    real = loop.micro_batch_loss
+
+    def spy(*args, **kwargs):
+        loss, logs = real(*args, **kwargs)
+        seen.append(logs["loss"])
+        return loss, logs
+    monkeypatch.setattr(loop, "micro_batch_loss", spy)
+    out = tmp_path / "run"
+    train(tiny_config(tiny_pipeline_dir(), out, max_train_steps=2, gradient_accumulation_steps=3,
+                      report_to="tensorboard"))
+    assert len(seen) == 6 and len(set(seen)) == 6  # distinct losses: the mean is not any one micro-batch's
+    loss = logged_scalars(out)["loss"]
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([sum(seen[:3]) / 3, sum(seen[3:]) / 3], rel=1e-6)  # float32
 
 
 class InfGradient(torch.autograd.Function):
@@ -148,12 +159,9 @@ def test_fp16_skipped_step_advances_nothing_but_the_data(tiny_pipeline_dir, tmp_
     assert read_adapter(out / "singlora_weights.safetensors").step == 4  # u(t) advanced 4 times
     assert torch.load(ckpt / "scheduler.pt", weights_only=True)["last_epoch"] == 4
     assert torch.load(ckpt / "scaler.pt", weights_only=True)["scale"] == 2.0 ** 15  # halved once from 2^16
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
-    events.Reload()
-    assert [e.step for e in events.Scalars("lr")] == [1, 2, 3, 4]
-    assert [e.value for e in events.Scalars("lr")] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0], rel=1e-6, abs=1e-12)  # float32 in TensorBoard
+    lr = logged_scalars(out)["lr"]
+    assert [e.step for e in lr] == [1, 2, 3, 4]
+    assert [e.value for e in lr] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0], rel=1e-6, abs=1e-12)  # float32 in TensorBoard
 
 
 def test_fp16_resume_equals_a_straight_fp16_run(tiny_pipeline_dir, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The user's real path on the tiny pipelines: fp16 runs end to end, class images from the base."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -45,12 +46,12 @@ def test_sdxl_vae_latents_mean_and_std_are_used_as_diffusers_does(tiny_pipeline_
     from singlora_diffusion.bundled import bundled_subject
     from singlora_diffusion.pipelines import from_unet_latents
     from singlora_diffusion.training.batches import LatentSource
-    from singlora_diffusion.training.data import scan_images
+    from singlora_diffusion.images import scan_images
 
     pipe = load_pipeline(tiny_pipeline_dir("sdxl"))
     mean, std = [0.5, -0.25, 0.125, 1.0], [2.0, 0.5, 1.5, 4.0]
     pipe.vae.register_to_config(latents_mean=mean, latents_std=std)
-    source = LatentSource(pipe.vae, scan_images(bundled_subject()), 64, True, False, True)
+    source = LatentSource(pipe.vae, scan_images(bundled_subject(), "--instance_data_dir"), 64, True, False, True)
     torch.manual_seed(0)
     z, _ = source.get(0)
     m, s = torch.tensor(mean).view(4, 1, 1), torch.tensor(std).view(4, 1, 1)
@@ -62,13 +63,17 @@ def test_sdxl_vae_latents_mean_and_std_are_used_as_diffusers_does(tiny_pipeline_
     torch.testing.assert_close(source.scale(z[None])[0], z * pipe.vae.config.scaling_factor)
 
 
-def test_fp16_base_is_loaded_in_fp16_and_the_upcast_vae_keeps_its_float32_weights(tiny_pipeline_dir, tmp_path):
-    from singlora_diffusion.training.build import build, validate
+@pytest.mark.parametrize("adapter", ["singlora", "lora", "dora"])  # PEFT creates its weights in the base's dtype
+def test_fp16_base_is_loaded_in_fp16_and_the_upcast_vae_keeps_its_float32_weights(adapter, tiny_pipeline_dir,
+                                                                                   tmp_path):
+    from singlora_diffusion.training import build, validate
 
-    cfg = tiny_config(tiny_pipeline_dir(), tmp_path, mixed_precision="fp16")
+    cfg = tiny_config(tiny_pipeline_dir(), tmp_path, mixed_precision="fp16", adapter=adapter,
+                      train_text_encoder=True)
     trainee = build(cfg, validate(cfg), torch.device("cpu"))
     assert trainee.pipe.unet.dtype == trainee.pipe.text_encoder.dtype == torch.float16
     reference = load_pipeline(tiny_pipeline_dir()).vae.state_dict()
     vae = trainee.pipe.vae.state_dict()
     assert all(vae[k].dtype == torch.float32 and torch.equal(vae[k], reference[k]) for k in reference)  # never rounded
-    assert {p.dtype for p in trainee.parameters()} == {torch.float32}
+    assert trainee.parameters() and {p.dtype for p in trainee.parameters()} == {torch.float32}
+    assert trainee.trained["text_encoder"].get_input_embeddings().weight.dtype == torch.float16  # only adapters cast

@@ -1,4 +1,8 @@
-"""training/data.py: every odd file a user's photo folder can hold, made here in tmp_path."""
+"""The trainer's image side: every odd file a user's photo folder can hold, made here in tmp_path.
+
+Finding and loading photos is the core's (singlora_diffusion.images), run here with the
+trainer's flags; turning them into training tensors is training/data.py's.
+"""
 import warnings
 
 import numpy as np
@@ -7,8 +11,8 @@ import torch
 from PIL import Image
 
 from singlora_diffusion.bundled import bundled_subject
-from singlora_diffusion.training.data import (Crop, ImageFolderError, augmentations_are_deterministic,
-                                               check_sizes, load_image, prepare_image, scan_images)
+from singlora_diffusion.images import ImageFolderError, load_image, scan_images
+from singlora_diffusion.training.data import Crop, augmentations_are_deterministic, check_sizes, prepare_image
 
 RED, WHITE = (255, 0, 0), (255, 255, 255)
 GRADIENT_16 = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(3, axis=0)
@@ -64,7 +68,7 @@ def _make_bad(d):
 def _scan(folder, role="instance"):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        paths = scan_images(folder, role)
+        paths = scan_images(folder, f"--{role}_data_dir", f"{role} images")
     return paths, [w for w in caught if issubclass(w.category, UserWarning)]
 
 
@@ -84,7 +88,7 @@ def test_scan_keeps_good_images_and_names_each_skipped_file_in_one_warning(tmp_p
 def test_bundled_subject_scans_clean():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning fails the test
-        paths = scan_images(bundled_subject())
+        paths = scan_images(bundled_subject(), "--instance_data_dir")
         check_sizes(paths, 384)
     assert [p.name for p in paths] == [f"0{i}.jpg" for i in range(6)]
 
@@ -101,16 +105,11 @@ def test_unusable_folder_raises_with_folder_and_flag(tmp_path, case):
         (folder / "zero.jpg").write_bytes(b"")
     with pytest.raises(ImageFolderError) as info, warnings.catch_warnings():
         warnings.simplefilter("error")  # the error carries the detail; no extra warning
-        scan_images(folder, role="class")
+        scan_images(folder, "--class_data_dir", "class images")
     message = str(info.value)
     assert "my_photos" in message and "--class_data_dir" in message and "\n" not in message
     if case == "all_bad":
         assert "notes.txt" in message and "zero.jpg" in message
-
-
-def test_scan_rejects_unknown_role(tmp_path):
-    with pytest.raises(ValueError, match="role"):
-        scan_images(tmp_path, role="subject")
 
 
 def test_load_cmyk_l_and_non_ascii(tmp_path):

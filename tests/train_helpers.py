@@ -1,6 +1,8 @@
 """Small trainer runs on the tiny pipelines."""
+from pathlib import Path
+
 from singlora_diffusion.bundled import bundled_subject
-from singlora_diffusion.training.config import TrainConfig
+from singlora_diffusion.training import TrainConfig
 
 
 def tiny_config(base, out, **overrides) -> TrainConfig:
@@ -10,3 +12,12 @@ def tiny_config(base, out, **overrides) -> TrainConfig:
                     report_to="none", seed=0, num_validation_images=1, validation_inference_steps=2)
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+def logged_scalars(out) -> dict[str, list]:
+    """The TensorBoard scalars of the run in `out` (report_to="tensorboard"): tag -> events (.step, .value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((Path(out) / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}

@@ -6,7 +6,7 @@ web UI's job runner, the benchmarks and the experiments use these, not the modul
 from .build import Inputs, Trainee, build, validate
 from .config import TrainConfig, load_yaml, parse_config
 from .loop import FitResult, TrainingDiverged, fit
-from .run import make_accelerator, train
+from .run import main, make_accelerator, train
 
-__all__ = ["FitResult", "Inputs", "Trainee", "TrainConfig", "TrainingDiverged", "build", "fit", "load_yaml",
+__all__ = ["FitResult", "Inputs", "Trainee", "TrainConfig", "TrainingDiverged", "build", "fit", "load_yaml", "main",
            "make_accelerator", "parse_config", "train", "validate"]

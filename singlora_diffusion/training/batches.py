@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from ..images import load_image
 from ..pipelines import to_unet_latents
-from .data import Crop, augmentations_are_deterministic, load_image, prepare_image
+from .data import Crop, augmentations_are_deterministic, prepare_image
 
 
 def seed_sample(seed: int, stream: str, index: int) -> None:

@@ -3,23 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..files import write_text
 from .build import Trainee
 from .config import TrainConfig
 
 
-def sample_grid(images, columns: int = 4):
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (w * min(columns, len(images)), h * rows), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
 def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path) -> dict:
     """README.md + samples.png: the base model (top row) and the adapted one (bottom), same seeds."""
+    from diffusers.utils import make_image_grid
+
     from ..adapters import adapters_off
     from ..generate import render
 
@@ -32,7 +24,7 @@ def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path) -> di
         before = render(trainee.pipe, prompt, **settings)
     after = render(trainee.pipe, prompt, **settings)
     grid_path = output_dir / "samples.png"
-    sample_grid(before + after, columns=len(before)).save(grid_path)
+    make_image_grid(before + after, rows=2, cols=len(before)).save(grid_path)
     native = "singlora_weights.safetensors" if cfg.adapter == "singlora" else None
     text = f"""---
 base_model: {cfg.pretrained_model_name_or_path}
@@ -46,7 +38,7 @@ Trained with singlora-diffusion `train_dreambooth.py` on
 
 - instance prompt: `{cfg.instance_prompt}`
 - adapter: {cfg.adapter}, rank {cfg.rank}, alpha {cfg.alpha:g}, targets `{cfg.target_modules}`
-  {"(text encoders: `" + str(cfg.text_encoder_target_modules) + "`)" if cfg.train_text_encoder else ""}
+  {"" if cfg.text_encoder_target_modules is None else f"(text encoders: `{cfg.text_encoder_target_modules}`)"}
 - learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}), batch {cfg.train_batch_size} x
   {cfg.gradient_accumulation_steps}, resolution {cfg.resolution}, precision {cfg.mixed_precision}, seed {cfg.seed}
 - full settings: `config.yaml`
@@ -62,5 +54,5 @@ pipe.load_lora_weights("{output_dir}")   # diffusers: pytorch_lora_weights.safet
 
 ![samples](samples.png)
 """
-    (output_dir / "README.md").write_text(text)
+    write_text(output_dir / "README.md", text)
     return {"model_card": output_dir / "README.md", "samples": grid_path}

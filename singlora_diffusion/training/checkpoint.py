@@ -7,6 +7,11 @@ trainer_state.json (optimizer steps done, samples consumed = the data
 position, seed, process count, max_train_steps, ramp_up_steps). The .pt
 states are torch.save'd tensors and numbers, read back with weights_only=True
 (no code is ever unpickled).
+
+Why not accelerate's save_state/load_state: they pickle (load_state unpickles the
+RNG states, so a checkpoint from elsewhere could run code), they read no file back
+before a resume starts, and they do not record the data position in samples, which is
+what lets a checkpoint resume under another process count.
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import signal
 from pathlib import Path
 
 import torch
+
 from ..errors import BadInput, WriteError
+from ..files import atomic_path
 
 STATE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -180,29 +187,25 @@ def save_checkpoint(output_dir: str | Path, step: int, write_weights, optimizer,
     """Write checkpoint-{step}/ via a temporary folder and a rename, then prune the oldest."""
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        write_weights(tmp)
-        torch.save(getattr(optimizer, "optimizer", optimizer).state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        if scaler is not None:  # its loss scale and growth tracker: an fp16 resume equals a straight fp16 run
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        version, internal, gauss = random.getstate()
-        torch.save({"torch": torch.get_rng_state(), "python": torch.tensor(internal, dtype=torch.int64),
-                    **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
-                   tmp / "rng_state.pt")
-        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2))  # written last: marks it complete
+        # A folder of the same step (a resume that redoes it) is replaced only once the new one is whole.
+        with atomic_path(final, replace_folder=True) as tmp:
+            tmp.mkdir(parents=True)
+            write_weights(tmp)
+            torch.save(getattr(optimizer, "optimizer", optimizer).state_dict(), tmp / "optimizer.pt")
+            torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            if scaler is not None:  # its loss scale and growth tracker: an fp16 resume equals a straight fp16 run
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            version, internal, gauss = random.getstate()
+            torch.save({"torch": torch.get_rng_state(), "python": torch.tensor(internal, dtype=torch.int64),
+                        **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
+                       tmp / "rng_state.pt")
+            (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2))  # written last: marks it complete
     except (OSError, RuntimeError) as e:  # a full disk or a file size limit; torch wraps some as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(out)
         raise WriteError(f"could not write {final} ({write_failure(e)}); the last good checkpoint, "
                          f"{kept[-1].name if kept else 'none'}, is kept. Free space, then run the same command with "
                          f"--resume_from_checkpoint latest") from None
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     # Prune only now that the new checkpoint is complete.
     if total_limit is not None:
         for old in list_checkpoints(out)[:-total_limit]:

@@ -20,8 +20,9 @@ from ..bundled import preset_names, preset_path, resolve_data_dir
 from ..config import AdapterConfig
 from ..dataclass_cli import dataclass_parser
 from ..errors import BadInput, NotFound
+from ..pipelines import PRECISIONS
+from ..targets import TargetSpec
 
-PRECISIONS = ("no", "fp16", "bf16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -50,7 +51,12 @@ class TrainConfig(AdapterConfig):
     center_crop: bool = _f(False, "center crop instead of random crop")
     random_flip: bool = _f(False, "random horizontal flips")
     # -- optimisation
-    train_text_encoder: bool = _f(False, "also adapt the text encoder(s) (targets: text_encoder_target_modules)")
+    train_text_encoder: bool = _f(False, "also adapt the text encoder(s), on --text_encoder_target_modules "
+                                         "(attn unless given)")
+    # AdapterConfig's field, with the trainer's meaning: the targets imply the training.
+    text_encoder_target_modules: TargetSpec | None = _f(None, "text-encoder layers to adapt (preset 'attn' = "
+                                                              "q_proj,k_proj,v_proj,out_proj, or a list); setting "
+                                                              "them trains the text encoders, as --train_text_encoder")
     train_batch_size: int = _f(1, "images per device per step")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (the ramp counts optimizer steps)")
     max_train_steps: int = _f(500, "optimizer steps to train")
@@ -74,7 +80,9 @@ class TrainConfig(AdapterConfig):
     prediction_type: str | None = _f(None, "epsilon | v_prediction; unset = the base scheduler's")
     cache_latents: bool = _f(True, "encode images with the VAE once when augmentations are deterministic")
     cache_text_embeddings: bool = _f(True, "encode prompts once when the text encoder is frozen")
-    dataloader_num_workers: int = _f(0, "data-loading worker processes")
+    dataloader_num_workers: int = _f(0, "accepted for diffusers' command lines, and ignored: this trainer has "
+                                        "no DataLoader; the few DreamBooth photos are decoded in the main "
+                                        "process (once, when latents are cached)")
     # -- checkpoints and logging
     checkpointing_steps: int = _f(500, "save checkpoint-N/ every N optimizer steps")
     checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints (oldest deleted)")
@@ -99,7 +107,12 @@ class TrainConfig(AdapterConfig):
             raise BadInput(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise BadInput(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
-        if self.train_text_encoder and self.text_encoder_target_modules is None:
+        # One decision, two spellings: diffusers' --train_text_encoder (on our default
+        # targets) or the targets themselves. From here on both fields agree, and the
+        # trainer reads text_encoder_target_modules only (None: the text encoders stay frozen).
+        if self.text_encoder_target_modules is not None:
+            self.train_text_encoder = True
+        elif self.train_text_encoder:
             self.text_encoder_target_modules = "attn"
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
             raise BadInput("--with_prior_preservation needs --class_data_dir and --class_prompt")

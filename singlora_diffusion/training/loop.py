@@ -1,17 +1,22 @@
-"""Phase 3: the training loop, checkpoints, validation, Ctrl-C and NaN handling."""
+"""Phase 3: the training loop, checkpoints, validation, Ctrl-C and NaN handling.
+
+    fit: TrainingLoop(...) sets up the optimizer, LR schedule and data -> resume from a checkpoint?
+         -> until max_train_steps:  optimizer_step  gradient_accumulation_steps micro-batches, one update
+                                    after_step      log the step's mean loss; checkpoint, validation
+                                                    images, progress file when due
+"""
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+from ..files import write_progress
 from ..inject import attach_ramp, singlora_modules
 from ..layer import ramp
-from ..errors import UserError
 from .batches import LatentSource, PromptEncoder, sample_indices, seed_sample
 from .build import Inputs, Trainee
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -20,17 +25,8 @@ from .loss import draw_noise, dreambooth_loss, per_sample_mse, snr_weights, targ
 from .weights import read_weights, write_weights
 
 
-PROGRESS_FILE = "progress.json"  # step, loss, latest validation image: read by the web UI
-
-
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN/Inf: the user lowers the learning rate or resumes from an earlier checkpoint."""
-
-
-def write_progress(output_dir: Path, **fields) -> None:
-    tmp = output_dir / (PROGRESS_FILE + ".tmp")
-    tmp.write_text(json.dumps(fields))
-    os.replace(tmp, output_dir / PROGRESS_FILE)  # readers never see half a file
 
 
 @dataclass
@@ -113,128 +109,168 @@ def average_gradients(params, accelerator) -> None:
 MAX_SKIPPED_IN_A_ROW = 30  # GradScaler halves its scale per skip: 2^16 -> below 1 long before this
 
 
+def mean_logs(micro_logs: list[dict]) -> dict:
+    """An optimizer step's logs: each value's mean over the step's micro-batches (not the last one's)."""
+    return {k: sum(m[k] for m in micro_logs) / len(micro_logs) for k in micro_logs[0]}
+
+
+class TrainingLoop:
+    """One fit in progress: what trains (optimizer, LR schedule, data sources) and where it stands."""
+
+    def __init__(self, cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator):
+        from diffusers import DDPMScheduler
+        from diffusers.optimization import get_scheduler
+
+        self.cfg, self.trainee, self.accelerator = cfg, trainee, accelerator
+        pipe = trainee.pipe
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        if cfg.prediction_type:
+            self.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+        source = lambda images: LatentSource(pipe.vae, images, cfg.resolution, cfg.center_crop,  # noqa: E731
+                                             cfg.random_flip, cfg.cache_latents)
+        self.instance = source(inputs.instance_images)
+        self.prior = source(inputs.class_images) if cfg.with_prior_preservation else None
+        self.prompts = PromptEncoder(pipe, cache=cfg.cache_text_embeddings and not trainee.trains_text_encoders)
+        self.params = trainee.parameters()
+        self.optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, self.params))
+        # The scheduler is stepped by hand once per optimizer step really taken, so its
+        # step count depends neither on the number of processes nor on skipped fp16 steps.
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=getattr(self.optimizer, "optimizer",
+                                                                              self.optimizer),
+                                          num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps,
+                                          num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+        if trainee.adapter == "singlora":
+            attach_ramp(self.optimizer, *trainee.trained.values())  # after prepare: hooks the inner optimizer
+        self.u_now = ramp_value(trainee)
+        self.step = 0                 # optimizer steps taken
+        self.samples = 0              # samples of the global stream consumed
+        self.at_step_end = 0          # ... by the last finished step: a Ctrl-C mid-step redoes that step
+        self.last_checkpoint: Path | None = None
+        self.skipped_in_a_row = 0     # fp16 steps GradScaler skipped since the last one taken
+        self.validation_images: list[Path] = []
+
+    def resume(self, path: Path, log) -> None:
+        state = load_checkpoint(path, lambda folder: read_weights(self.trainee, folder), self.optimizer,
+                                self.lr_scheduler, self.accelerator.scaler)
+        self.step, self.samples = state["step"], state["samples_seen"]
+        self.at_step_end, self.last_checkpoint = self.samples, path
+        log(f"resumed from {path} at step {self.step} (saved by {state.get('num_processes', 1)} process(es))")
+
+    def optimizer_step(self) -> dict | None:
+        """gradient_accumulation_steps micro-batches, one update: the step's mean logs, or None when fp16
+        skipped the update."""
+        cfg, accelerator = self.cfg, self.accelerator
+        micro_logs = []
+        for _ in range(cfg.gradient_accumulation_steps):
+            with accelerator.accumulate(self.trainee.pipe.unet):
+                # This rank's slice of the global sample stream (see batches.sample_indices).
+                first = self.samples + accelerator.process_index * cfg.train_batch_size
+                loss, logs = micro_batch_loss(cfg, self.trainee, accelerator, self.noise_scheduler, self.prompts,
+                                              self.instance, self.prior, first)
+                if not torch.isfinite(loss):  # before backward: a NaN never reaches the weights
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {self.step + 1}; training stopped. The last good "
+                        f"checkpoint is {self.last_checkpoint or 'none (no checkpoint written yet)'}. Lower "
+                        f"--learning_rate or use --mixed_precision bf16/no, then resume from it.")
+                self.backward_and_update(loss)
+            self.samples += accelerator.num_processes * cfg.train_batch_size
+            micro_logs.append(logs)
+        self.at_step_end = self.samples
+        if self.optimizer.step_was_skipped:
+            self.note_skipped_step()
+            return None
+        self.skipped_in_a_row = 0
+        return mean_logs(micro_logs)
+
+    def backward_and_update(self, loss: torch.Tensor) -> None:
+        """Backward; the last micro-batch of a step also averages, clips and updates (on the others
+        accelerate's optimizer step and zero_grad do nothing, so gradients accumulate)."""
+        accelerator, optimizer = self.accelerator, self.optimizer
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            if accelerator.num_processes > 1:
+                average_gradients(self.params, accelerator)
+            accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        optimizer.step()
+        if accelerator.sync_gradients and not optimizer.step_was_skipped:
+            self.lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def note_skipped_step(self) -> None:
+        # fp16: GradScaler found inf/NaN gradients and skipped the update. Nothing
+        # advanced (weights, u(t), LR schedule, step count); the data moved on.
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise TrainingDiverged(
+                f"{self.skipped_in_a_row} optimizer steps in a row had inf/NaN gradients (fp16 overflow) at "
+                f"step {self.step + 1}; training stopped. The last good checkpoint is "
+                f"{self.last_checkpoint or 'none'}. Use --mixed_precision bf16/no or a lower --learning_rate.")
+
+    def after_step(self, logs: dict, bar) -> None:
+        """A step taken: count and log it; the checkpoint, validation images and progress file when due."""
+        cfg, accelerator = self.cfg, self.accelerator
+        self.step += 1
+        logs = dict(logs, lr=self.lr_scheduler.get_last_lr()[0], u=self.u_now())
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+        accelerator.log(logs, step=self.step)
+        if self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_train_steps:
+            self.last_checkpoint = self.checkpoint()
+        if cfg.validation_prompt and self.step % cfg.validation_steps == 0:
+            self.validation_images = validate_images(cfg, self.trainee, accelerator, self.step)
+        if accelerator.is_main_process:
+            write_progress(cfg.output_dir, step=self.step, total=cfg.max_train_steps, loss=logs.get("loss"),
+                           validation_image=str(self.validation_images[0]) if self.validation_images else None)
+
+    def checkpoint(self) -> Path:
+        """checkpoint-{step}/, written by the main process while the others wait."""
+        cfg, accelerator = self.cfg, self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"samples_seen": self.at_step_end, "seed": cfg.seed, "num_processes": accelerator.num_processes,
+                     "max_train_steps": cfg.max_train_steps, "ramp_up_steps": self.trainee.ramp_up_steps,
+                     "adapter": cfg.adapter, "rank": cfg.rank}
+            save_checkpoint(cfg.output_dir, self.step, self.write_weights, self.optimizer, self.lr_scheduler, state,
+                            cfg.checkpoints_total_limit, accelerator.scaler)
+        accelerator.wait_for_everyone()
+        return Path(cfg.output_dir) / f"checkpoint-{self.step}"
+
+    def write_weights(self, folder: Path) -> Path:
+        return write_weights(self.trainee, folder, self.cfg.pretrained_model_name_or_path, self.cfg)
+
+    def result(self, interrupted: bool = False) -> FitResult:
+        return FitResult(self.step, self.last_checkpoint, interrupted, self.validation_images)
+
+
 def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=print,
         resume: Path | None = None) -> FitResult:
     """Train to cfg.max_train_steps optimizer steps, from `resume` (a checkpoint folder) if given."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    pipe, unet = trainee.pipe, trainee.pipe.unet
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if cfg.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    rank, world = accelerator.process_index, accelerator.num_processes
-
-    instance = LatentSource(pipe.vae, inputs.instance_images, cfg.resolution, cfg.center_crop, cfg.random_flip,
-                            cfg.cache_latents)
-    prior = (LatentSource(pipe.vae, inputs.class_images, cfg.resolution, cfg.center_crop, cfg.random_flip,
-                          cfg.cache_latents) if cfg.with_prior_preservation else None)
-    prompts = PromptEncoder(pipe, cache=cfg.cache_text_embeddings and not cfg.train_text_encoder)
-
-    params = trainee.parameters()
-    optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, params))
-    # The scheduler is stepped by hand once per optimizer step really taken, so its
-    # step count depends neither on the number of processes nor on skipped fp16 steps.
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=getattr(optimizer, "optimizer", optimizer),
-                                 num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps,
-                                 num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
-    if trainee.adapter == "singlora":
-        attach_ramp(optimizer, *trainee.trained.values())  # after prepare: hooks the inner optimizer
-
-    output_dir = Path(cfg.output_dir)
-    write = lambda folder: write_weights(trainee, folder, cfg.pretrained_model_name_or_path, cfg)
-    # optimizer steps taken; samples of the global stream consumed (by the last finished step)
-    step, last_ckpt, samples = 0, None, 0
+    loop = TrainingLoop(cfg, trainee, inputs, accelerator)
     if resume is not None:
-        state = load_checkpoint(resume, lambda f: read_weights(trainee, f), optimizer, lr_scheduler,
-                                accelerator.scaler)
-        step, last_ckpt, samples = state["step"], resume, state["samples_seen"]
-        log(f"resumed from {resume} at step {step} (saved by {state.get('num_processes', 1)} process(es))")
-    at_step_end = samples
-    bs = cfg.train_batch_size
-
-    def checkpoint(at: int) -> Path | None:
-        accelerator.wait_for_everyone()
-        path = None
-        if accelerator.is_main_process:
-            path = save_checkpoint(output_dir, at, write, optimizer, lr_scheduler,
-                                   {"samples_seen": at_step_end, "seed": cfg.seed, "num_processes": world,
-                                    "max_train_steps": cfg.max_train_steps, "ramp_up_steps": trainee.ramp_up_steps,
-                                    "adapter": cfg.adapter, "rank": cfg.rank},
-                                   cfg.checkpoints_total_limit, accelerator.scaler)
-        accelerator.wait_for_everyone()
-        return path or output_dir / f"checkpoint-{at}"
-
-    u_now = ramp_value(trainee)
+        loop.resume(resume, log)
     for m in trainee.trained.values():
         m.train()
-    bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_local_main_process,
+    bar = tqdm(total=cfg.max_train_steps, initial=loop.step, disable=not accelerator.is_local_main_process,
                desc="training", unit="step")
-    validation_images: list[Path] = []
-    started, skipped_in_a_row = time.perf_counter(), 0
+    started = time.perf_counter()
     try:
-        while step < cfg.max_train_steps:
-            micro_logs = []
-            for _ in range(cfg.gradient_accumulation_steps):
-                with accelerator.accumulate(unet):
-                    # This rank's slice of the global sample stream (see batches.sample_indices).
-                    loss, logs = micro_batch_loss(cfg, trainee, accelerator, noise_scheduler, prompts, instance,
-                                                  prior, samples + rank * bs)
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"loss became {loss.item()} at step {step + 1}; training stopped. The last good "
-                            f"checkpoint is {last_ckpt or 'none (no checkpoint written yet)'}. Lower "
-                            f"--learning_rate or use --mixed_precision bf16/no, then resume from it.")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if world > 1:
-                            average_gradients(params, accelerator)
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients and not optimizer.step_was_skipped:
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                samples += world * bs
-                micro_logs.append(logs)
-            at_step_end = samples  # what checkpoints record: a Ctrl-C mid-step redoes that step
-            if optimizer.step_was_skipped:
-                # fp16: GradScaler found inf/NaN gradients and skipped the update. Nothing
-                # advanced (weights, u(t), LR schedule, step count); the data moved on.
-                skipped_in_a_row += 1
-                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                    raise TrainingDiverged(
-                        f"{skipped_in_a_row} optimizer steps in a row had inf/NaN gradients (fp16 overflow) at "
-                        f"step {step + 1}; training stopped. The last good checkpoint is "
-                        f"{last_ckpt or 'none'}. Use --mixed_precision bf16/no or a lower --learning_rate.")
-                continue
-            skipped_in_a_row = 0
-            step += 1
-            # the mean over the micro-batches of this step, not the last one's
-            logs = {k: sum(m[k] for m in micro_logs) / len(micro_logs) for k in micro_logs[0]}
-            logs.update(lr=lr_scheduler.get_last_lr()[0], u=u_now())
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-            accelerator.log(logs, step=step)
-            if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-                last_ckpt = checkpoint(step)
-            if cfg.validation_prompt and step % cfg.validation_steps == 0:
-                validation_images = validate_images(cfg, trainee, accelerator, step)
-            if accelerator.is_main_process:
-                write_progress(output_dir, step=step, total=cfg.max_train_steps, loss=logs.get("loss"),
-                               validation_image=str(validation_images[0]) if validation_images else None)
-    except Exception:
-        bar.close()  # the error message gets a line of its own, not the end of the bar's
-        raise
+        while loop.step < cfg.max_train_steps:
+            logs = loop.optimizer_step()
+            if logs is not None:  # None: fp16 skipped the update, the step is redone on the next data
+                loop.after_step(logs, bar)
     except KeyboardInterrupt:
-        bar.close()
-        last_ckpt = checkpoint(step) if step > 0 else last_ckpt
-        log(f"\ninterrupted at step {step}; checkpoint: {last_ckpt}. Resume with the same command plus "
-            f"--resume_from_checkpoint latest")
-        return FitResult(step, last_ckpt, interrupted=True, validation_images=validation_images)
-    bar.close()
-    log(f"trained {step} steps in {time.perf_counter() - started:.0f} s")
-    return FitResult(step, last_ckpt, validation_images=validation_images)
+        bar.close()  # the message gets a line of its own, not the end of the bar's
+        if loop.step > 0:
+            loop.last_checkpoint = loop.checkpoint()
+        log(f"\ninterrupted at step {loop.step}; checkpoint: {loop.last_checkpoint}. Resume with the same command "
+            f"plus --resume_from_checkpoint latest")
+        return loop.result(interrupted=True)
+    finally:
+        bar.close()  # also before an error's message
+    log(f"trained {loop.step} steps in {time.perf_counter() - started:.0f} s")
+    return loop.result()
 
 
 @torch.no_grad()

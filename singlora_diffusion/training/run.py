@@ -1,14 +1,15 @@
 """train(cfg): validate -> build -> (class images) -> fit -> save. What train_dreambooth.py calls."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import torch
 
+from ..errors import WriteError
+from ..files import atomic_path, write_text
 from .build import Inputs, Trainee, build, validate
-from .checkpoint import WriteError, reconcile_resume, resolve_resume, write_failure
+from .checkpoint import reconcile_resume, resolve_resume, write_failure
 from .config import TrainConfig
 from .loop import fit
 from .weights import write_final
@@ -21,7 +22,7 @@ def generate_class_images(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, ac
     """
     from ..adapters import adapters_off
     from ..generate import render
-    from .data import scan_images
+    from ..images import scan_images
 
     missing = cfg.num_class_images - len(inputs.class_images)
     if missing > 0 and accelerator.is_main_process:
@@ -37,12 +38,13 @@ def generate_class_images(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, ac
                                 steps=cfg.validation_inference_steps, num_images=n,
                                 width=cfg.resolution, height=cfg.resolution)
                 for i, image in enumerate(images):
-                    tmp = folder / f".class-{first + i:05d}.png"
-                    image.save(tmp)
-                    os.replace(tmp, folder / f"class-{first + i:05d}.png")
+                    # whole or absent: a half-written PNG would be skipped as corrupt by the next run
+                    with atomic_path(folder / f"class-{first + i:05d}.png") as tmp:
+                        image.save(tmp, format="PNG")
     accelerator.wait_for_everyone()
     if cfg.with_prior_preservation:
-        inputs.class_images = scan_images(cfg.class_data_dir, role="class")[: cfg.num_class_images]
+        found = scan_images(cfg.class_data_dir, "--class_data_dir", "class images")
+        inputs.class_images = found[: cfg.num_class_images]
 
 
 def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> str:
@@ -52,7 +54,7 @@ def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> 
         f" base        {cfg.pretrained_model_name_or_path} ({type(trainee.pipe).__name__})",
         f" adapter     {cfg.adapter}, rank {cfg.rank}, alpha {cfg.alpha:g}, ramp T = {trainee.ramp_up_steps} steps",
         f" targets     unet: {cfg.target_modules}"
-        + (f"; text encoders: {cfg.text_encoder_target_modules}" if cfg.train_text_encoder else ""),
+        + ("" if cfg.text_encoder_target_modules is None else f"; text encoders: {cfg.text_encoder_target_modules}"),
         f" trainable   {n_params:,} parameters",
         f" images      {len(inputs.instance_images)} instance ({cfg.instance_data_dir})"
         + (f", {len(inputs.class_images)} class" if cfg.with_prior_preservation else ""),
@@ -106,7 +108,7 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
     # config.yaml holds the ramp length actually used, so the run can be repeated from it
     cfg.ramp_up_steps = cfg.resolved_ramp_up_steps(cfg.max_train_steps)
     if accelerator.is_main_process:
-        (output_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_text(output_dir / "config.yaml", cfg.to_yaml())
     trainee = build(cfg, inputs, accelerator.device)
     if cfg.with_prior_preservation:
         generate_class_images(cfg, trainee, inputs, accelerator)

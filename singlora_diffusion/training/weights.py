@@ -24,7 +24,7 @@ PEFT_NAME = "adapter_model.safetensors"
 def write_weights(trainee: Trainee, folder: Path, base_model: str, cfg) -> Path:
     if trainee.adapter == "singlora":
         return save_adapter(folder / WEIGHTS_NAME, trainee.trained, base_model, cfg.target_modules,
-                            cfg.text_encoder_target_modules if cfg.train_text_encoder else None)
+                            cfg.text_encoder_target_modules)
     from safetensors.torch import save_file
 
     tensors = {k: p.detach().float().cpu().contiguous() for k, p in trainee.named_parameters().items()}
