@@ -8,10 +8,10 @@ position, seed, process count, max_train_steps, ramp_up_steps). The .pt
 states are torch.save'd tensors and numbers, read back with weights_only=True
 (no code is ever unpickled).
 
-Why not accelerate's save_state/load_state: they pickle (load_state unpickles the
-RNG states, so a checkpoint from elsewhere could run code), they read no file back
-before a resume starts, and they do not record the data position in samples, which is
-what lets a checkpoint resume under another process count.
+Why not accelerate's save_state/load_state: their RNG file is a pickle of Python and
+numpy objects (ours holds tensors and numbers only), they check no file before a resume
+starts (check_checkpoint reads every one), and they do not record the data position in
+samples, which is what lets a checkpoint resume under another process count.
 """
 from __future__ import annotations
 
