@@ -198,6 +198,16 @@ def _number(adapter: AdapterFile, key: str, kind, low, what: str):
     return value
 
 
+def check_matrix(path, name: str, A: torch.Tensor) -> None:
+    """A SingLoRA A: a float (n, r) matrix of finite numbers (NaN/Inf: the training diverged)."""
+    if A.ndim != 2 or not A.is_floating_point():
+        raise BadInput(f"{path}: tensor {name} is {A.dtype} of shape {tuple(A.shape)}; expected a float (n, r)")
+    bad = (~torch.isfinite(A)).sum().item()
+    if bad:
+        raise BadInput(f"{path}: tensor {name} holds {bad} NaN/Inf values of {A.numel()}; the training that "
+                       f"wrote it diverged: use an earlier checkpoint")
+
+
 def check_adapter(adapter: AdapterFile) -> None:
     """Refuse a file whose tensors are not finite or whose metadata contradicts them.
 
@@ -223,16 +233,11 @@ def check_adapter(adapter: AdapterFile) -> None:
         name = key + SUFFIX
         if key not in shapes:
             raise BadInput(f"{path}: tensor {name} has no module_shapes entry; export cannot split it")
-        if A.ndim != 2 or not A.is_floating_point():
-            raise BadInput(f"{path}: tensor {name} is {A.dtype} of shape {tuple(A.shape)}; expected a float (n, r)")
+        check_matrix(path, name, A)
         d_out, d_in = shapes[key]
         if tuple(A.shape) != (max(d_out, d_in), rank):
             raise BadInput(f"{path}: tensor {name} has shape {tuple(A.shape)}, but the metadata (rank {rank}, "
                              f"module_shapes {[d_out, d_in]}) says {(max(d_out, d_in), rank)}")
-        bad = (~torch.isfinite(A)).sum().item()
-        if bad:
-            raise BadInput(f"{path}: tensor {name} holds {bad} NaN/Inf values of {A.numel()}; the training that "
-                             f"wrote it diverged: use an earlier checkpoint")
     extra = sorted(set(shapes) - set(adapter.tensors))
     if extra:
         raise BadInput(f"{path}: module_shapes lists {len(extra)} modules without a tensor, e.g. {extra[0]}")

@@ -96,7 +96,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not in the Hugging Face cache" in err and "HF_HUB_OFFLINE=1" in err and "Traceback" not in err
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
-    assert "no SingLoRA adapter" in capsys.readouterr().err
+    assert "no adapter at" in capsys.readouterr().err  # inspect reads LoRA files too
     (tmp_path / "empty").mkdir()
     assert main(["merge", "--base", str(tmp_path / "empty"), "--adapter", "x", "--out", "y"]) == 2
     assert "no SingLoRA adapter at x" in capsys.readouterr().err
@@ -104,10 +104,10 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
 
 def test_a_crash_that_is_not_a_user_error_keeps_its_traceback(monkeypatch, tmp_path):
     """CUDA out of memory (a RuntimeError) or a bug must not be turned into a one-line "error"."""
-    import singlora_diffusion.format as fmt
+    import singlora_diffusion.layouts as layouts
 
     def out_of_memory(*_a, **_k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(fmt, "read_adapter", out_of_memory)
+    monkeypatch.setattr(layouts, "detect_layout", out_of_memory)
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         main(["inspect", str(tmp_path / "a.safetensors")])
