@@ -14,21 +14,41 @@ def _tiny(args):
 
 
 def _inspect(args):
-    from .format import read_adapter
+    from .layouts import describe, detect_layout
 
-    adapter = read_adapter(args.adapter)
-    print(f"file: {adapter.path}")
-    for key, value in adapter.metadata.items():
-        if key != "module_shapes":
-            print(f"  {key}: {value}")
-    counts: dict[str, list[int]] = {}
-    for key, A in adapter.tensors.items():
-        c = counts.setdefault(key.partition(".")[0], [0, 0])
-        c[0] += 1
-        c[1] += A.numel()
-    for component, (modules, params) in counts.items():
-        print(f"  {component}: {modules} modules, {params:,} parameters")
-    print(f"  total: {sum(c[1] for c in counts.values()):,} parameters")
+    layout = detect_layout(args.adapter)
+    print(f"file: {layout.path}")
+    if layout.native is not None:  # the native file's own metadata and parameter counts first
+        adapter = layout.native
+        for key, value in adapter.metadata.items():
+            if key != "module_shapes":
+                print(f"  {key}: {value}")
+        counts: dict[str, list[int]] = {}
+        for key, A in adapter.tensors.items():
+            c = counts.setdefault(key.partition(".")[0], [0, 0])
+            c[0] += 1
+            c[1] += A.numel()
+        for component, (modules, params) in counts.items():
+            print(f"  {component}: {modules} modules, {params:,} parameters")
+        print(f"  total: {sum(c[1] for c in counts.values()):,} parameters")
+    for label, value in describe(layout).items():
+        print(f"  {label}: {value}")
+
+
+def _import(args):
+    from .layouts import import_file
+
+    done = import_file(args.file, args.base, args.out, rank=args.rank, alpha=args.alpha, step=args.step,
+                       ramp_up_steps=args.ramp_up_steps, allow_partial=args.allow_partial)
+    for note in done.settings.notes:
+        print(f"{args.file}: {note}", file=sys.stderr)
+    if done.skipped:
+        total = done.loaded + len(done.skipped)
+        print(f"{args.file}: partial import: {done.loaded} of {total} modules fit this base; "
+              f"{len(done.skipped)} skipped, e.g. {done.skipped[0]}", file=sys.stderr)
+    s = done.settings
+    print(f"imported {done.layout.name} ({done.loaded} modules, rank {s.rank}, alpha {s.alpha:g}, "
+          f"step {s.step} of {s.ramp_up_steps}: u = {s.u:g}) to {done.out}")
 
 
 def _export(args):
@@ -39,12 +59,24 @@ def _export(args):
 
 
 def _merge(args):
-    from .export import merge_into_pipeline
+    from .errors import BadInput
+    from .export import merge_into_pipeline, merge_to_single_file
     from .pipelines import DTYPES
 
-    dtype = DTYPES["no" if args.save_precision == "fp32" else args.save_precision]
-    out = merge_into_pipeline(args.base, args.adapter, args.out, args.scale, dtype, args.allow_partial,
-                              log=lambda line: print(line, file=sys.stderr))
+    if args.dtype and args.save_precision and args.dtype != args.save_precision:
+        raise BadInput(f"--dtype {args.dtype} and --save_precision {args.save_precision} disagree; give one")
+    # a folder keeps full precision unless asked; a single file is what A1111 / ComfyUI users share: fp16
+    precision = args.dtype or args.save_precision or ("fp16" if args.single_file else "fp32")
+    dtype = DTYPES["no" if precision == "fp32" else precision]
+
+    def log(line):
+        print(line, file=sys.stderr)
+
+    if args.single_file:
+        out = merge_to_single_file(args.base, args.adapter, args.single_file, args.scale, dtype, args.allow_partial, log)
+        print(f"merged checkpoint ({precision}) written to {out}")
+        return
+    out = merge_into_pipeline(args.base, args.adapter, args.out, args.scale, dtype, args.allow_partial, log)
     print(f"merged pipeline written to {out}")
 
 
@@ -92,9 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the real SD1.5 / SDXL component configs (2 GB / 6.5 GB in fp16), as random:sd15 / random:sdxl")
     s.set_defaults(func=_tiny)
 
-    s = sub.add_parser("inspect", help="print an adapter file's metadata, modules and parameters")
+    s = sub.add_parser("inspect", help="print an adapter file's layout (ours, SimpleTuner / peft-singlora, "
+                                       "diffusers, kohya, PEFT LoRA), rank, alpha, targets, step and base")
     s.add_argument("adapter")
     s.set_defaults(func=_inspect)
+
+    s = sub.add_parser("import", help="convert a SingLoRA file of another tool (SimpleTuner, peft-singlora) "
+                                      "to the native format")
+    s.add_argument("file", help="a .safetensors file (see `singlora inspect FILE` for its layout)")
+    s.add_argument("--base", required=True, help="the base it was trained on: its layers' shapes split each matrix")
+    s.add_argument("--out", required=True, help="the native .safetensors file to write")
+    s.add_argument("--rank", type=int, help="r, when the file's metadata lacks it")
+    s.add_argument("--alpha", type=float, help="alpha, when the file's metadata lacks it (overrides it)")
+    s.add_argument("--step", type=int, help="the ramp step t (default: the file's step buffer, else T: u = 1)")
+    s.add_argument("--ramp_up_steps", type=int, help="the ramp length T (default 1000, peft-singlora's)")
+    s.add_argument("--allow_partial", action="store_true",
+                   help="import a file whose keys fit this base only in part (the counts are printed)")
+    s.set_defaults(func=_import)
 
     s = sub.add_parser("export", help="convert a SingLoRA file to a standard LoRA file")
     s.add_argument("adapter")
@@ -102,15 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="diffusers: an output folder; kohya: an output .safetensors file")
     s.set_defaults(func=_export)
 
-    s = sub.add_parser("merge", help="write a full diffusers pipeline with the adapter folded in")
+    s = sub.add_parser("merge", help="fold the adapter into the base: a diffusers folder or one checkpoint file")
     s.add_argument("--base", required=True, help="hub id or local diffusers folder")
     s.add_argument("--adapter", required=True)
-    s.add_argument("--out", required=True)
+    out = s.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="a diffusers pipeline folder (diffusers, ComfyUI's diffusers loader)")
+    out.add_argument("--single_file", metavar="OUT.safetensors",
+                     help="one checkpoint in the original SD1.x / SDXL layout (A1111, Forge, ComfyUI's checkpoint loader)")
     s.add_argument("--scale", type=float, default=1.0)
     s.add_argument("--allow_partial", action="store_true",
                    help="merge an adapter whose keys fit this base only in part (the counts are printed)")
-    s.add_argument("--save_precision", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="dtype of the saved weights (kohya's name); fp16 halves an SDXL folder to ~7 GB")
+    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of the saved weights; default fp16 for --single_file, fp32 for --out")
+    s.add_argument("--save_precision", choices=["fp32", "fp16", "bf16"],
+                   help="the same as --dtype (kohya's name); fp16 halves an SDXL folder to ~7 GB")
     s.set_defaults(func=_merge)
 
     s = sub.add_parser("generate", help="render an image, with or without an adapter")

@@ -8,6 +8,7 @@ from .errors import BadInput, WriteError
 
 import math
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -64,24 +65,126 @@ def export_diffusers(adapter_path: str | os.PathLike, out_dir: str | os.PathLike
     return Path(out_dir) / diffusers_lora_name()
 
 
-def export_kohya(adapter_path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
-    """Write the kohya layout A1111 and ComfyUI read: lora_unet_… / lora_te_… with .alpha = α."""
-    from safetensors.torch import save_file
+def kohya_state_dict(adapter: AdapterFile, training: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The kohya layout A1111 and ComfyUI read, as (tensors, `__metadata__`), without writing a file.
 
-    adapter = read_adapter(adapter_path)
-    prefixes = KOHYA_PREFIX[adapter.metadata.get("base_arch", "sd")]
+    lora_unet_… / lora_te_… (SDXL: lora_te1_… / lora_te2_…) with .lora_down.weight = A[:d_in]ᵀ,
+    .lora_up.weight = u·A[:d_out] and .alpha = α: loaders scale by alpha / rank(lora_down), so
+    up·down·α/r is ΔW exactly. Needs torch only (the ComfyUI node calls it, in an environment
+    without diffusers). `training`: see kohya_metadata.
+    """
+    arch = adapter.metadata.get("base_arch", "sd")
+    if arch not in KOHYA_PREFIX:
+        raise BadInput(f"{adapter.path}: metadata base_arch={arch!r}; expected one of {sorted(KOHYA_PREFIX)}")
+    prefixes = KOHYA_PREFIX[arch]
     tensors = {}
     for component, path, up, down in _factors(adapter, fold_alpha=False):
+        if component not in prefixes:
+            raise BadInput(f"{adapter.path}: {component} adapters on a base_arch={arch!r} file; "
+                           f"kohya names only {sorted(prefixes)} for that base")
         key = f"{prefixes[component]}_{path.replace('.', '_')}"
         tensors[f"{key}.lora_down.weight"] = down
         tensors[f"{key}.lora_up.weight"] = up
         # Loaders scale by alpha / rank(lora_down): this keeps the user's α visible.
         tensors[f"{key}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+    return tensors, kohya_metadata(adapter, training)
+
+
+# modelspec (Stability AI's model metadata standard) as kohya's sd-scripts writes it for a LoRA
+# (library/sai_model_spec.py): architecture ids, and SDXL LoRAs name the SGM implementation while
+# SD1.x/2.x LoRAs name diffusers.
+MODELSPEC_SPEC_VERSION = "1.0.1"
+_SGM = "https://github.com/Stability-AI/generative-models"
+
+
+def _modelspec_arch(version: str, resolution: int | None) -> tuple[str, int]:
+    """(architecture id, default resolution) for an ss_base_model_version.
+
+    The file does not record SD2's prediction type: 768 px training means SD2's 768-v base,
+    anything else its 512 base (what kohya decides from --v_parameterization).
+    """
+    if version.startswith("sdxl_"):
+        return "stable-diffusion-xl-v1-base", 1024
+    if version == "sd_v2":
+        return ("stable-diffusion-v2-768-v", 768) if resolution == 768 else ("stable-diffusion-v2-512", 512)
+    return "stable-diffusion-v1", 512
+
+
+def _training_facts(training: dict | None) -> dict:
+    """The known keys of `training` with their types checked; unknown keys and None values are ignored."""
+    kinds = {"resolution": int, "max_train_steps": int, "output_name": str, "instance_prompt": str}
+    facts = {}
+    for key, kind in kinds.items():
+        value = (training or {}).get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            raise BadInput(f"export_kohya training[{key!r}]={value!r}: expected "
+                           + ("a whole number >= 1" if kind is int else "a string"))
+        facts[key] = value
+    return facts
+
+
+def kohya_metadata(adapter: AdapterFile, training: dict | None = None) -> dict[str, str]:
+    """kohya's ss_* keys and the modelspec.* keys for the LoRA form of `adapter`.
+
+    `training` (optional, from the trainer): "resolution" (int), "max_train_steps" (int),
+    "output_name" (str), "instance_prompt" (str); unknown keys are ignored. Without them the
+    keys they feed are left out, except the modelspec keys the standard requires (title: the
+    adapter's file name; resolution: the base's native one). modelspec.date is when the
+    adapter file was written, so exporting the same file twice gives the same metadata.
+    """
+    from . import __version__
+
+    facts = _training_facts(training)
+    version = kohya_base_version(adapter)
+    arch, native_resolution = _modelspec_arch(version, facts.get("resolution"))
+    resolution = facts.get("resolution", native_resolution)
+    source = Path(adapter.path)
+    written = datetime.fromtimestamp(int(source.stat().st_mtime), timezone.utc)
+    comment = "SingLoRA (arXiv 2507.05566) adapter as an exactly equivalent LoRA, by singlora-diffusion"
+    meta = {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(adapter.rank),
+        "ss_network_alpha": str(adapter.alpha), "ss_base_model_version": version,
+        # A1111 picks SD2 LoRAs by ss_v2 (and SDXL ones by the sdxl_ prefix above)
+        "ss_v2": str(version == "sd_v2"),
+        "ss_steps": str(adapter.step),
+        "ss_training_comment": comment + (f"; instance prompt: {facts['instance_prompt']}"
+                                          if "instance_prompt" in facts else ""),
+        "modelspec.sai_model_spec": MODELSPEC_SPEC_VERSION,
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": _SGM if arch.startswith("stable-diffusion-xl") else "diffusers",
+        "modelspec.implementation_version": f"singlora-diffusion/{__version__}",
+        "modelspec.title": facts.get("output_name", source.stem),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": written.isoformat(),
+        "singlora_source": source.name, "singlora_step": str(adapter.step),
+    }
+    if "base_model" in adapter.metadata:
+        meta["ss_sd_model_name"] = adapter.metadata["base_model"]
+    if "resolution" in facts:
+        meta["ss_resolution"] = str((resolution, resolution))  # kohya's "(512, 512)"
+    if "max_train_steps" in facts:
+        meta["ss_max_train_steps"] = str(facts["max_train_steps"])
+    if "output_name" in facts:
+        meta["ss_output_name"] = facts["output_name"]
+    if "instance_prompt" in facts:
+        meta["modelspec.trigger_phrase"] = facts["instance_prompt"]
+    return meta
+
+
+def export_kohya(adapter_path: str | os.PathLike, out_file: str | os.PathLike,
+                 training: dict | None = None) -> Path:
+    """Write kohya_state_dict's tensors and metadata to `out_file`.
+
+    `training`: facts of the run for the metadata (kohya_metadata); ss_output_name defaults
+    to the file's stem, as kohya names its files after --output_name.
+    """
+    from safetensors.torch import save_file
+
     out_file = Path(out_file)
+    tensors, meta = kohya_state_dict(read_adapter(adapter_path), {"output_name": out_file.stem, **(training or {})})
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(adapter.rank),
-            "ss_network_alpha": str(adapter.alpha), "ss_base_model_version": kohya_base_version(adapter),
-            "singlora_source": os.path.basename(adapter.path), "singlora_step": str(adapter.step)}
     with atomic_path(out_file) as tmp:  # a failed write leaves an earlier file of that name as it was
         save_file(tensors, str(tmp), metadata=meta)
     return out_file
@@ -97,6 +200,56 @@ def merge_into_pipeline(base: str | os.PathLike, adapter_path: str | os.PathLike
     overflows above 65504) is refused before anything is written. The folder is
     written beside `out_dir` and renamed into place, so a failed save (a full
     disk) leaves an earlier `out_dir` as it was.
+
+    The folder is the hub's layout, which transformers 4, ComfyUI's diffusers loader and
+    transformers 5 all read: each component one unsharded file, CLIPTextModel keys under
+    `text_model.` (single_file.with_text_model_prefix).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
+        raise BadInput(f"{out_dir} exists and is not a pipeline folder; give a new folder (nothing was written)")
+    pipe = merged_pipeline(base, adapter_path, scale, dtype, allow_partial, log, precision_flag="--save_precision")
+    try:
+        with atomic_path(out_dir, replace_folder=True) as tmp:
+            # ComfyUI's diffusers loader opens one model.safetensors / diffusion_pytorch_model.safetensors
+            # per component and reads no shard index; diffusers shards above 10 GB (SDXL's UNet in fp32)
+            pipe.save_pretrained(str(tmp), max_shard_size="1000GB")
+            _prefix_text_model_keys(pipe, tmp)
+    except OSError as e:
+        raise WriteError(f"could not write the merged pipeline next to {out_dir} ({e.strerror or e}); "
+                         f"nothing at {out_dir} was changed") from None
+    return out_dir
+
+
+def merge_to_single_file(base: str | os.PathLike, adapter_path: str | os.PathLike, out_file: str | os.PathLike,
+                         scale: float = 1.0, dtype: torch.dtype = torch.float16, allow_partial: bool = False,
+                         log=print) -> Path:
+    """Save one checkpoint in the original SD1.x / SDXL layout (single_file.py) with ΔW folded in:
+    the file A1111, Forge and ComfyUI's checkpoint loader open.
+
+    Same merge and refusals as merge_into_pipeline; `out_file` must end in .safetensors and may
+    only replace an earlier checkpoint. Written beside `out_file` and renamed into place.
+    """
+    from .single_file import is_checkpoint, save_single_file
+
+    out_file = Path(out_file)
+    if out_file.suffix != ".safetensors":
+        raise BadInput(f"--single_file {out_file}: give a .safetensors file name (nothing was written)")
+    if out_file.exists() and not is_checkpoint(out_file):
+        raise BadInput(f"--single_file {out_file} exists and is not an SD checkpoint; give a new file name "
+                       f"(nothing was written)")
+    pipe = merged_pipeline(base, adapter_path, scale, dtype, allow_partial, log, precision_flag="--dtype")
+    meta = {"singlora_base": str(base), "singlora_adapter": Path(adapter_path).name, "singlora_scale": str(scale)}
+    return save_single_file(pipe, out_file, meta)
+
+
+def merged_pipeline(base: str | os.PathLike, adapter_path: str | os.PathLike, scale: float = 1.0,
+                    dtype: torch.dtype = torch.float32, allow_partial: bool = False, log=print,
+                    precision_flag: str = "--save_precision"):
+    """The base pipeline in `dtype` with the adapter at `scale` folded in and the adapter layers gone.
+
+    The adapter is read and checked before the (large) base loads. A merged weight that is not
+    finite in `dtype` raises BadInput naming it.
     """
     from .adapters import set_strength
     from .format import load_adapter
@@ -105,9 +258,6 @@ def merge_into_pipeline(base: str | os.PathLike, adapter_path: str | os.PathLike
 
     if not math.isfinite(scale):
         raise BadInput(f"--scale {scale}: expected a finite number")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
-        raise BadInput(f"{out_dir} exists and is not a pipeline folder; give a new folder (nothing was written)")
     adapter = read_adapter(adapter_path)  # read and checked before the (large) base loads
     pipe = load_pipeline(base, dtype=dtype)
     components = pipeline_components(pipe)
@@ -123,11 +273,26 @@ def merge_into_pipeline(base: str | os.PathLike, adapter_path: str | os.PathLike
             weight = model.get_submodule(name).weight
             if not torch.isfinite(weight).all():
                 raise BadInput(f"merged weight {component}.{name} is not finite in {dtype} (scale {scale}); "
-                                 f"nothing was written: lower --scale or use --save_precision fp32")
-    try:
-        with atomic_path(out_dir, replace_folder=True) as tmp:
-            pipe.save_pretrained(str(tmp))
-    except OSError as e:
-        raise WriteError(f"could not write the merged pipeline next to {out_dir} ({e.strerror or e}); "
-                         f"nothing at {out_dir} was changed") from None
-    return out_dir
+                                 f"nothing was written: lower --scale or use {precision_flag} fp32")
+    return pipe
+
+
+def _prefix_text_model_keys(pipe, folder: Path) -> None:
+    """Rewrite each saved CLIPTextModel file with its keys under `text_model.` (the hub's layout).
+
+    transformers 5 saves a CLIPTextModel built or loaded without that level as bare
+    `embeddings…` / `encoder…`, which ComfyUI's CLIP detection does not recognise ("clip
+    missing"); transformers 5 itself loads either layout.
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextModel
+
+    from .single_file import with_text_model_prefix
+
+    for name in ("text_encoder", "text_encoder_2"):
+        if not isinstance(getattr(pipe, name, None), CLIPTextModel):
+            continue  # CLIPTextModelWithProjection keeps text_model. as a real module level
+        files = list((folder / name).glob("*.safetensors"))
+        if len(files) != 1:
+            raise RuntimeError(f"{folder / name}: expected one weights file, found {len(files)}")
+        save_file(with_text_model_prefix(load_file(str(files[0]))), str(files[0]), metadata={"format": "pt"})

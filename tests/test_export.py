@@ -1,5 +1,7 @@
 """Export to standard LoRA and merge: (a) injected model, (b) diffusers + exported diffusers
 LoRA, (c) diffusers + exported kohya file, (d) the merged folder all render the same latents."""
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -97,3 +99,99 @@ def test_sd2_unet_is_sd_v2():
         unet = UNet2DConditionModel(**{**UNET_CONFIGS["sd15"], "cross_attention_dim": 1024,
                                        "attention_head_dim": (5, 10, 20, 20)})
     assert base_model_version(unet) == "sd_v2"
+
+
+# --- kohya metadata: kohya's ss_* keys and the modelspec keys sd-scripts writes for a LoRA ----------------
+
+def kohya_meta(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+@pytest.mark.parametrize("arch,architecture,implementation", [
+    ("sd", "stable-diffusion-v1/lora", "diffusers"),
+    ("sdxl", "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"),
+])
+def test_kohya_metadata_carries_the_training_facts(arch, architecture, implementation, tmp_path):
+    from datetime import datetime, timezone
+
+    from .test_comfyui import write_singlora
+
+    native = write_singlora(tmp_path / "a.safetensors", arch, rank=2, alpha=6.0, step=3)
+    training = {"resolution": 768, "max_train_steps": 300, "output_name": "dog_run", "instance_prompt": "a photo of sks dog",
+                "learning_rate": 1e-4}  # not a key export_kohya knows: ignored
+    meta = kohya_meta(export_kohya(native, tmp_path / "k.safetensors", training=training))
+    version = "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1"
+    assert {k: meta[k] for k in meta if k.startswith("ss_")} == {
+        "ss_network_module": "networks.lora", "ss_network_dim": "2", "ss_network_alpha": "6.0",
+        "ss_base_model_version": version, "ss_v2": "False", "ss_sd_model_name": "tiny",
+        "ss_resolution": "(768, 768)", "ss_steps": "3", "ss_max_train_steps": "300", "ss_output_name": "dog_run",
+        "ss_training_comment": "SingLoRA (arXiv 2507.05566) adapter as an exactly equivalent LoRA, by "
+                               "singlora-diffusion; instance prompt: a photo of sks dog"}
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert (meta["modelspec.architecture"], meta["modelspec.implementation"]) == (architecture, implementation)
+    assert (meta["modelspec.title"], meta["modelspec.resolution"]) == ("dog_run", "768x768")
+    assert meta["modelspec.trigger_phrase"] == "a photo of sks dog"
+    assert meta["modelspec.implementation_version"].startswith("singlora-diffusion/")
+    written = datetime.fromtimestamp(int(native.stat().st_mtime), timezone.utc)
+    assert datetime.fromisoformat(meta["modelspec.date"]) == written  # when the adapter was written, not exported
+    assert not any("learning_rate" in k for k in meta)
+
+
+@pytest.mark.parametrize("arch,resolution", [("sd", "512x512"), ("sdxl", "1024x1024")])
+def test_kohya_metadata_without_training_facts(arch, resolution, tmp_path):
+    from .test_comfyui import write_singlora
+
+    native = write_singlora(tmp_path / "a.safetensors", arch)
+    first = kohya_meta(export_kohya(native, tmp_path / "my_dog.safetensors"))
+    # kohya names its files after --output_name; the modelspec keys the standard requires are always there
+    assert (first["ss_output_name"], first["modelspec.title"], first["modelspec.resolution"]) == \
+        ("my_dog", "my_dog", resolution)
+    assert not {"ss_resolution", "ss_max_train_steps", "modelspec.trigger_phrase"} & set(first)
+    assert "instance prompt" not in first["ss_training_comment"]
+    assert kohya_meta(export_kohya(native, tmp_path / "my_dog.safetensors")) == first  # same file, same metadata
+
+
+@pytest.mark.parametrize("resolution,architecture", [(768, "stable-diffusion-v2-768-v/lora"),
+                                                     (512, "stable-diffusion-v2-512/lora")])
+def test_sd2_kohya_metadata(resolution, architecture, tmp_path):
+    """A1111 tells an SD2 LoRA by ss_v2; modelspec names SD2's 768-v base for 768 px training."""
+    from safetensors.torch import save_file
+
+    from .test_comfyui import write_singlora
+
+    native = write_singlora(tmp_path / "a.safetensors")
+    save_file(load_file(str(native)), str(native), metadata={**kohya_meta(native), "base_model_version": "sd_v2"})
+    meta = kohya_meta(export_kohya(native, tmp_path / "k.safetensors", {"resolution": resolution}))
+    assert (meta["ss_v2"], meta["ss_base_model_version"], meta["modelspec.architecture"]) == \
+        ("True", "sd_v2", architecture)
+
+
+@pytest.mark.parametrize("training,says", [({"resolution": "512"}, "training['resolution']='512'"),
+                                           ({"max_train_steps": 0}, "a whole number >= 1"),
+                                           ({"resolution": True}, "training['resolution']=True"),
+                                           ({"output_name": 7}, "expected a string")])
+def test_kohya_export_refuses_wrong_training_facts(training, says, tmp_path):
+    from singlora_diffusion.errors import BadInput
+
+    from .test_comfyui import write_singlora
+
+    native = write_singlora(tmp_path / "a.safetensors")
+    with pytest.raises(BadInput, match=re.escape(says)):
+        export_kohya(native, tmp_path / "k.safetensors", training=training)
+    assert not (tmp_path / "k.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch,base_arch,says", [("sd", "sd3", "metadata base_arch='sd3'"),
+                                                 ("sdxl", "sd", "text_encoder_2 adapters on a base_arch='sd' file")])
+def test_kohya_export_refuses_a_base_it_cannot_name(arch, base_arch, says, tmp_path):
+    from safetensors.torch import save_file
+
+    from singlora_diffusion.errors import BadInput
+
+    from .test_comfyui import write_singlora
+
+    native = write_singlora(tmp_path / "a.safetensors", arch)
+    save_file(load_file(str(native)), str(native), metadata={**kohya_meta(native), "base_arch": base_arch})
+    with pytest.raises(BadInput, match=re.escape(says)):
+        export_kohya(native, tmp_path / "k.safetensors")
