@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from singlora_diffusion.format import read_adapter
+from singlora_diffusion.layer import delta_weight, ramp
 from singlora_diffusion.pipelines import load_pipeline
 from singlora_diffusion.training import build, fit, loop, main, make_accelerator, parse_config, train, validate
 
@@ -33,7 +34,7 @@ def max_diff(a: dict, b: dict) -> float:
 def test_outputs_layout_and_checkpoint_limit(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(tiny_pipeline_dir(), out, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2,
-                      ramp_up_steps=None, report_to="tensorboard")
+                      ramp_up_steps=None, report_to="tensorboard", alpha=6)  # α/r = 3: .alpha must be α
     files = train(cfg)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     assert not list(out.glob(".checkpoint-*"))  # no temporary folder left behind
@@ -41,9 +42,28 @@ def test_outputs_layout_and_checkpoint_limit(tiny_pipeline_dir, tmp_path):
     assert adapter.step == 4 and adapter.ramp_up_steps == 1  # default T = 1 % of 4 steps, at least 1
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["seed"] == 0 and resolved["max_train_steps"] == 4 and resolved["rank"] == 2
-    assert "a photo of sks dog" in (out / "README.md").read_text() and (out / "samples.png").is_file()
+    card = (out / "README.md").read_text()
+    assert "a photo of sks dog" in card and (out / "samples.png").is_file()
     pipe = load_pipeline(tiny_pipeline_dir())
     pipe.load_lora_weights(str(out))  # the diffusers export just works
+    # the kohya file for ComfyUI / A1111: kohya's keys, and the native file's ΔW (float64)
+    assert files["kohya"] == out / "run_kohya.safetensors"
+    kohya = load_file(str(files["kohya"]))
+    coef = adapter.alpha / adapter.rank * float(ramp(adapter.step, adapter.ramp_up_steps))
+    assert len(kohya) == 3 * len(adapter.tensors) and all(k.startswith("lora_unet_") for k in kohya)
+    for key, A in adapter.tensors.items():
+        name = "lora_unet_" + key.partition(".")[2].replace(".", "_")
+        up, down = (kohya[f"{name}.lora_{s}.weight"].double() for s in ("up", "down"))
+        got = up @ down * kohya[f"{name}.alpha"].item() / down.shape[0]
+        torch.testing.assert_close(got, delta_weight(A.double(), *adapter.shapes[key], coef), rtol=0, atol=1e-6)
+    from safetensors import safe_open
+
+    with safe_open(str(files["kohya"]), framework="pt") as f:  # the run's facts travel in kohya's metadata
+        meta = f.metadata()
+    assert meta["modelspec.title"] == "run_kohya" and "a photo of sks dog" in meta["ss_training_comment"]
+    # the card says which file goes where
+    assert "`run_kohya.safetensors` to `models/loras/`" in card
+    assert "reads `pytorch_lora_weights.safetensors`" in card and "singlora_weights.safetensors`" in card
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
     scalars = logged_scalars(out)
     assert {"loss", "lr", "u"} <= set(scalars)
@@ -190,6 +210,7 @@ def test_peft_baselines_write_the_same_layout(adapter, tiny_pipeline_dir, tmp_pa
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file() and (out / "config.yaml").is_file()
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.lora_alpha"] == 4  # alpha is not lost
+    assert not list(out.glob("*_kohya.safetensors")) and "no kohya file" in (out / "README.md").read_text()
     pipe = load_pipeline(tiny_pipeline_dir())
     pipe.load_lora_weights(str(out))
 
@@ -271,7 +292,7 @@ def test_exported_file_in_diffusers_renders_what_the_trained_model_renders(adapt
     accelerator = make_accelerator(cfg)
     trainee = build(cfg, inputs, accelerator.device)
     fit(cfg, trainee, inputs, accelerator, log=lambda *_: None)
-    write_final(trainee, tmp_path, str(base), cfg)
+    written = write_final(trainee, tmp_path, str(base), cfg)
     for model in trainee.trained.values():
         model.eval()
     expected = latents(trainee.pipe)
@@ -279,9 +300,10 @@ def test_exported_file_in_diffusers_renders_what_the_trained_model_renders(adapt
     pipe = load_pipeline(base)
     pipe.load_lora_weights(str(tmp_path))
     torch.testing.assert_close(latents(pipe), expected, rtol=0, atol=1e-4)
-    if adapter == "singlora":  # and the kohya layout A1111 / ComfyUI read, through diffusers' kohya converter
-        from singlora_diffusion.export import export_kohya
-
+    if adapter == "singlora":  # and the kohya file A1111 / ComfyUI read, through diffusers' kohya converter
+        assert any(k.startswith("lora_te") for k in load_file(str(written["kohya"])))
         pipe = load_pipeline(base)
-        pipe.load_lora_weights(str(export_kohya(tmp_path / "singlora_weights.safetensors", tmp_path / "k.safetensors")))
+        pipe.load_lora_weights(str(written["kohya"]))
         torch.testing.assert_close(latents(pipe), expected, rtol=0, atol=1e-4)
+    else:
+        assert "kohya" not in written and not list(tmp_path.glob("*_kohya.safetensors"))

@@ -8,8 +8,11 @@ from .build import Trainee
 from .config import TrainConfig
 
 
-def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path) -> dict:
-    """README.md + samples.png: the base model (top row) and the adapted one (bottom), same seeds."""
+def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path, weights: dict[str, Path]) -> dict:
+    """README.md + samples.png: the base model (top row) and the adapted one (bottom), same seeds.
+
+    weights: what write_final wrote ("adapter", "diffusers", "kohya"); the card says which file goes where.
+    """
     from diffusers.utils import make_image_grid
 
     from ..adapters import adapters_off
@@ -25,7 +28,16 @@ def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path) -> di
     after = render(trainee.pipe, prompt, **settings)
     grid_path = output_dir / "samples.png"
     make_image_grid(before + after, rows=2, cols=len(before)).save(grid_path)
-    native = "singlora_weights.safetensors" if cfg.adapter == "singlora" else None
+    uses = []
+    if "kohya" in weights:
+        uses.append(f"| ComfyUI, A1111, Forge | copy `{weights['kohya'].name}` to `models/loras/` |")
+    else:  # why: training/weights.py
+        uses.append(f"| ComfyUI, A1111, Forge | no kohya file is written for {cfg.adapter} baseline runs |")
+    uses.append(f"| diffusers | `pipe.load_lora_weights(\"{output_dir}\")` reads `{weights['diffusers'].name}` |")
+    if "adapter" in weights:
+        uses.append(f"| singlora CLI, web UI | `singlora generate --adapter {weights['adapter']}`, or pick "
+                    f"`{weights['adapter'].name}` in the web UI |")
+    uses = "\n".join(uses)
     text = f"""---
 base_model: {cfg.pretrained_model_name_or_path}
 instance_prompt: {cfg.instance_prompt}
@@ -45,10 +57,9 @@ Trained with singlora-diffusion `train_dreambooth.py` on
 
 ## Use
 
-```python
-pipe.load_lora_weights("{output_dir}")   # diffusers: pytorch_lora_weights.safetensors
-```
-{"" if native is None else f"or the native file with `singlora generate --adapter {output_dir / native}`."}
+| use in | how |
+|---|---|
+{uses}
 
 ## Samples: `{prompt}` (top: base model, bottom: with the adapter; same seeds)
 

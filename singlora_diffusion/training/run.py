@@ -126,7 +126,7 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
                              f"checkpoint, {result.last_checkpoint}, is complete: free space, then resume from it") from None
         files["config"] = output_dir / "config.yaml"
         files["checkpoint"] = result.last_checkpoint
-        files.update(write_model_card(cfg, trainee, output_dir))
+        files.update(write_model_card(cfg, trainee, output_dir, weights=dict(files)))
         print("files written:")
         for name, path in files.items():
             print(f"  {name:11s} {path}")

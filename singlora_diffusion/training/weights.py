@@ -3,7 +3,14 @@
 SingLoRA runs write the native file (format.py); LoRA/DoRA baselines write
 PEFT's tensors under "component.parameter" keys, and for the final output
 diffusers' own LoRA writer, so `pipe.load_lora_weights(output_dir)` works for
-every adapter.
+every adapter. SingLoRA runs also write the kohya layout (export_kohya) that
+ComfyUI / A1111 / Forge read from models/loras/: those tools do not map the
+diffusers layout of an SD/SDXL UNet.
+
+The baselines get no kohya file: diffusers' convert_state_dict_to_kohya writes
+.alpha = rank (a run with lora_alpha != rank would load with the wrong scale),
+names SD1.x's text encoder lora_te1, and has no DoRA magnitude form the UIs
+agree on. They are the paper's comparison runs, read by diffusers.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..export import export_diffusers
+from ..export import export_diffusers, export_kohya
 from ..format import WEIGHTS_NAME, diffusers_lora_name, read_adapter, save_adapter
 from ..inject import set_step, singlora_modules
 from ..targets import COMPONENT_KIND
@@ -19,6 +26,12 @@ from .build import Trainee
 from ..errors import BadInput
 
 PEFT_NAME = "adapter_model.safetensors"
+
+
+def kohya_file_name(output_dir: Path) -> str:
+    """`<run folder>_kohya.safetensors`: ComfyUI and A1111 list LoRAs by file name (`<lora:NAME:1>`),
+    so each run's file needs its own name there, and the suffix keeps it apart from the other two here."""
+    return f"{Path(output_dir).resolve().name or 'singlora'}_kohya.safetensors"
 
 
 def write_weights(trainee: Trainee, folder: Path, base_model: str, cfg) -> Path:
@@ -59,10 +72,14 @@ def read_weights(trainee: Trainee, folder: Path) -> None:
 
 
 def write_final(trainee: Trainee, output_dir: Path, base_model: str, cfg) -> dict[str, Path]:
-    """The native file (SingLoRA) and pytorch_lora_weights.safetensors (every adapter)."""
+    """The native and kohya files (SingLoRA) and pytorch_lora_weights.safetensors (every adapter)."""
     if trainee.adapter == "singlora":
         native = write_weights(trainee, output_dir, base_model, cfg)
-        return {"adapter": native, "diffusers": export_diffusers(native, output_dir)}
+        kohya = output_dir / kohya_file_name(output_dir)
+        training = {"resolution": cfg.resolution, "max_train_steps": cfg.max_train_steps,
+                    "output_name": kohya.stem, "instance_prompt": cfg.instance_prompt}
+        return {"adapter": native, "diffusers": export_diffusers(native, output_dir),
+                "kohya": export_kohya(native, kohya, training=training)}
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -85,4 +102,4 @@ def write_final(trainee: Trainee, output_dir: Path, base_model: str, cfg) -> dic
     return {"diffusers": output_dir / diffusers_lora_name()}
 
 
-__all__ = ["write_weights", "read_weights", "write_final", "COMPONENT_KIND"]
+__all__ = ["write_weights", "read_weights", "write_final", "kohya_file_name", "COMPONENT_KIND"]
