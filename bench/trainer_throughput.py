@@ -65,17 +65,9 @@ def build_bench_pipeline():
 
 def save_bench_pipeline(folder: Path) -> Path:
     """build_bench_pipeline() saved once as `folder` (built aside, then renamed)."""
-    from singlora_diffusion.files import atomic_path
+    from singlora_diffusion.pipelines import save_pipeline_once
 
-    if not (folder / "model_index.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with atomic_path(folder) as tmp:
-                build_bench_pipeline().save_pretrained(tmp)
-        except OSError:
-            if not (folder / "model_index.json").is_file():
-                raise  # not another process finishing first
-    return folder
+    return save_pipeline_once(folder, lambda tmp: build_bench_pipeline().save_pretrained(tmp))
 
 
 def child(spec: dict) -> None:

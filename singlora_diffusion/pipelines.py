@@ -108,23 +108,28 @@ def resolve_base(name: str | os.PathLike) -> str:
     tiny:sd15 / tiny:sdxl: ~10M parameters at 64 px; random:sd15 / random:sdxl: the real
     component configs at full size (2 GB / 7 GB in fp16), random weights.
     """
-    from .files import atomic_path
-
     test = _test_pipeline(name)
     if test is None:
         return str(name)
     kind, arch, save = test
     cache = Path(os.environ.get("SINGLORA_CACHE", Path.home() / ".cache" / "singlora_diffusion"))
-    folder = cache / f"{kind}-{arch}"
+    return str(save_pipeline_once(cache / f"{kind}-{arch}", lambda tmp: save(tmp, arch)))
+
+
+def save_pipeline_once(folder: Path, save) -> Path:
+    """save(tmp) writes a pipeline folder, once: built aside and renamed (never seen half-written);
+    when another process finishes first, its folder is kept."""
+    from .files import atomic_path
+
     if not (folder / "model_index.json").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with atomic_path(folder) as tmp:  # built aside, then renamed: never seen half-written
-                save(tmp, arch)
+            with atomic_path(folder) as tmp:
+                save(tmp)
         except OSError:
             if not (folder / "model_index.json").is_file():
                 raise  # not another process finishing first
-    return str(folder)
+    return folder
 
 
 def check_base_exists(base: str | os.PathLike) -> None:
