@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from .targets import PRESETS, TargetSpec, resolve_patterns
 from .errors import BadInput
 
-ADAPTERS = ("singlora", "lora", "dora")
+ADAPTERS = ("singlora", "lora", "dora", "loraplus")
 
 
 @dataclass
 class AdapterConfig:
     adapter: str = field(default="singlora", metadata={
-        "help": "singlora, or PEFT's lora / dora as baselines on the same targets and rank"})
+        "help": "singlora, or PEFT's lora / dora / loraplus (LoRA+: B learns --loraplus_lr_ratio times "
+                "faster) as baselines on the same targets and rank"})
     rank: int = field(default=8, metadata={"help": "r: columns of A (SingLoRA) or rank of B·A (LoRA)"})
     alpha: float | None = field(default=None, metadata={
         "help": "α; the update is scaled by α/r. Default: α = r (scale 1)"})

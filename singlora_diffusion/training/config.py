@@ -23,6 +23,7 @@ from ..errors import BadInput, NotFound
 from ..pipelines import PRECISIONS
 from ..targets import TargetSpec
 
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -50,6 +51,22 @@ class TrainConfig(AdapterConfig):
     resolution: int = _f(512, "training resolution in pixels (multiple of 8)")
     center_crop: bool = _f(False, "center crop instead of random crop")
     random_flip: bool = _f(False, "random horizontal flips")
+    # kohya's bucketing flags: each image trains at the bucket (width x height, about
+    # resolution^2 pixels) whose aspect ratio is nearest its own; a batch holds one bucket.
+    enable_bucket: bool = _f(False, "aspect-ratio bucketing: images keep their aspect ratio (no square crop); "
+                                    "batches are drawn within a bucket")
+    min_bucket_reso: int = _f(256, "smallest bucket side in pixels (--enable_bucket)")
+    max_bucket_reso: int = _f(1024, "largest bucket side in pixels (--enable_bucket)")
+    bucket_reso_steps: int = _f(64, "bucket sides are multiples of this (--enable_bucket; a multiple of 8)")
+    caption_extension: str | None = _f(None, "read each image's caption from the file beside it with this "
+                                             "extension, e.g. .txt (photo.jpg -> photo.txt); an image without "
+                                             "one trains on the instance prompt")
+    caption_dropout_rate: float = _f(0.0, "probability of training a sample on the empty prompt instead of its "
+                                          "caption/instance prompt")
+    concepts_list: str | None = _f(None, "YAML or JSON list of concepts (several subjects in one run), each with "
+                                         "instance_data_dir, instance_prompt and optionally class_prompt, "
+                                         "class_data_dir, num_class_images, repeats, validation_prompt; replaces "
+                                         "--instance_data_dir/--instance_prompt/--class_*")
     # -- optimisation
     train_text_encoder: bool = _f(False, "also adapt the text encoder(s), on --text_encoder_target_modules "
                                          "(attn unless given)")
@@ -60,12 +77,24 @@ class TrainConfig(AdapterConfig):
     train_batch_size: int = _f(1, "images per device per step")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (the ramp counts optimizer steps)")
     max_train_steps: int = _f(500, "optimizer steps to train")
-    learning_rate: float = _f(1e-4, "AdamW learning rate")
+    optimizer: str = _f("adamw", "adamw | adamw8bit (bitsandbytes, GPU) | prodigy (pip install prodigyopt; "
+                                 "its lr is a multiplier of the learning rate it finds: keep 1.0)",
+                        choices=OPTIMIZERS)
+    learning_rate: float | None = _f(None, "learning rate (default 1e-4; 1.0 with --optimizer prodigy)")
+    text_encoder_lr: float | None = _f(None, "learning rate of the text encoders' adapters (default: "
+                                             "--learning_rate)")
+    loraplus_lr_ratio: float = _f(16.0, "LoRA+ (--adapter loraplus): B's learning rate over A's")
+    prodigy_d_coef: float = _f(1.0, "Prodigy's d_coef: scales the learning rate it estimates")
+    prodigy_safeguard_warmup: bool = _f(False, "Prodigy's safeguard_warmup (recommended with LR warm-up)")
+    prodigy_use_bias_correction: bool = _f(False, "Prodigy's use_bias_correction (Adam's bias correction)")
+    use_ema: bool = _f(False, "keep an exponential moving average of the adapter weights (diffusers' EMAModel); "
+                              "validation and the saved adapter use it")
+    ema_decay: float = _f(0.9999, "EMA decay (diffusers' EMAModel: min(decay, (1 + t) / (10 + t)) at step t)")
     lr_scheduler: str = _f("constant", "schedule: " + ", ".join(SCHEDULERS), choices=SCHEDULERS)
     lr_warmup_steps: int = _f(0, "learning-rate warm-up steps")
     lr_num_cycles: int = _f(1, "cycles of cosine_with_restarts")
     lr_power: float = _f(1.0, "power of the polynomial schedule")
-    use_8bit_adam: bool = _f(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU)")
+    use_8bit_adam: bool = _f(False, "diffusers' spelling of --optimizer adamw8bit")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay")
@@ -105,6 +134,24 @@ class TrainConfig(AdapterConfig):
             raise BadInput(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if self.lr_scheduler not in SCHEDULERS:
             raise BadInput(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise BadInput(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.use_8bit_adam:
+            if self.optimizer == "prodigy":
+                raise BadInput("--use_8bit_adam and --optimizer prodigy contradict each other: drop one")
+            self.optimizer = "adamw8bit"
+        if self.learning_rate is None:
+            self.learning_rate = 1.0 if self.optimizer == "prodigy" else 1e-4
+        if not 0.0 <= self.caption_dropout_rate <= 1.0:
+            raise BadInput(f"caption_dropout_rate must be in [0, 1], got {self.caption_dropout_rate}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise BadInput(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.loraplus_lr_ratio <= 0:
+            raise BadInput(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio}")
+        if self.caption_extension is not None and not self.caption_extension.startswith("."):
+            self.caption_extension = "." + self.caption_extension
+        if self.enable_bucket:
+            self._check_buckets()
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise BadInput(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
         # One decision, two spellings: diffusers' --train_text_encoder (on our default
@@ -114,12 +161,35 @@ class TrainConfig(AdapterConfig):
             self.train_text_encoder = True
         elif self.train_text_encoder:
             self.text_encoder_target_modules = "attn"
-        if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
-            raise BadInput("--with_prior_preservation needs --class_data_dir and --class_prompt")
-        for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
-            if not getattr(self, name):
-                raise BadInput(f"--{name} is required (on the command line or in the --config YAML)")
+        if self.concepts_list:
+            given = [n for n in ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt")
+                     if getattr(self, n)]
+            if given:
+                raise BadInput(f"--concepts_list and --{given[0]} contradict each other: each concept in "
+                               f"{self.concepts_list} names its own; drop --{given[0]}")
+        else:
+            if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
+                raise BadInput("--with_prior_preservation needs --class_data_dir and --class_prompt")
+            for name in ("instance_data_dir", "instance_prompt"):
+                if not getattr(self, name):
+                    raise BadInput(f"--{name} is required (on the command line or in the --config YAML), "
+                                   f"or --concepts_list")
+        if not self.pretrained_model_name_or_path:
+            raise BadInput("--pretrained_model_name_or_path is required (on the command line or in the --config "
+                           "YAML)")
         self.instance_data_dir = resolve_data_dir(self.instance_data_dir)
+
+    def _check_buckets(self) -> None:
+        """kohya's rules: sides are multiples of bucket_reso_steps, and the range holds the resolution."""
+        step, low, high = self.bucket_reso_steps, self.min_bucket_reso, self.max_bucket_reso
+        if step < 8 or step % 8:
+            raise BadInput(f"bucket_reso_steps must be a multiple of 8 (the VAE's factor), got {step}")
+        for name, value in (("min_bucket_reso", low), ("max_bucket_reso", high)):
+            if value % step:
+                raise BadInput(f"{name} {value} is not a multiple of --bucket_reso_steps {step}")
+        if not low <= self.resolution <= high:
+            raise BadInput(f"the bucket range --min_bucket_reso {low} .. --max_bucket_reso {high} cannot hold "
+                           f"--resolution {self.resolution}: widen the range or change --resolution")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False, allow_unicode=True)
