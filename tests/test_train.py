@@ -165,8 +165,8 @@ def test_bf16_base_validation_keeps_dtypes_and_training_goes_on(tiny_pipeline_di
     seen = []
     real = loop.validate_images
 
-    def spy(cfg, trainee, accelerator, step):
-        paths = real(cfg, trainee, accelerator, step)
+    def spy(cfg, trainee, accelerator, step, prompts):
+        paths = real(cfg, trainee, accelerator, step, prompts)
         seen.append({p.dtype for p in trainee.parameters()} | {trainee.pipe.unet.conv_in.weight.dtype})
         return paths
     monkeypatch.setattr(loop, "validate_images", spy)

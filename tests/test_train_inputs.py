@@ -88,9 +88,9 @@ def test_latents_are_cached_when_augmentation_allows(center_crop, random_flip, c
     calls = {"vae": 0, "text": 0}
     real_encode, real_prompt = batches.LatentSource._encode, batches.PromptEncoder._encode
 
-    def count_vae(self, i, flip):
+    def count_vae(self, *args):
         calls["vae"] += 1
-        return real_encode(self, i, flip)
+        return real_encode(self, *args)
 
     def count_text(self, prompt):
         calls["text"] += 1

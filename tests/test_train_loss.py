@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from singlora_diffusion.bundled import bundled_subject
 from singlora_diffusion.format import read_adapter
 from singlora_diffusion.training import TrainConfig, build, loop, make_accelerator, parse_config, train, validate
+from singlora_diffusion.training.batches import TrainingData
 
 from .train_helpers import logged_scalars, tiny_config
 
@@ -64,15 +65,15 @@ def test_loss_of_a_fixed_batch_matches_float64(options, tiny_pipeline_dir, tmp_p
     if cfg.prediction_type:
         scheduler.register_to_config(prediction_type=cfg.prediction_type)
     draws, seen = [], {}
-    real_draw = loop.draw_samples
-    monkeypatch.setattr(loop, "draw_samples", lambda *a: draws.append(real_draw(*a)) or draws[-1])
+    real_draw = TrainingData.micro_batch
+    monkeypatch.setattr(TrainingData, "micro_batch", lambda *a: draws.append(real_draw(*a)) or draws[-1])
     trainee.pipe.unet.register_forward_hook(
         lambda m, args, out: seen.update(noisy=args[0].double(), t=args[1], pred=out.sample.double()))
-    source = lambda images: loop.LatentSource(trainee.pipe.vae, images, cfg.resolution, True, False, True)
-    prior = source(inputs.class_images) if cfg.with_prior_preservation else None
+    data = TrainingData(cfg, trainee.pipe.vae, inputs.concepts, inputs.items, inputs.class_images,
+                        cfg.with_prior_preservation)
     loss, _ = loop.micro_batch_loss(cfg, trainee, accelerator, scheduler, loop.PromptEncoder(trainee.pipe, True),
-                                    source(inputs.instance_images), prior, first=3)
-    x0, _, noise, t = (torch.cat(parts) for parts in zip(*draws))
+                                    data, k=3)
+    x0, noise, t = draws[0].latents, draws[0].noise, draws[0].timesteps
     ac = scaled_linear_alphas_cumprod()[t].view(-1, 1, 1, 1)
     # the UNet saw x_t = sqrt(ᾱ_t)·x0 + sqrt(1 - ᾱ_t)·ε (DDPM Eq. 4)
     torch.testing.assert_close(seen["noisy"], ac.sqrt() * x0.double() + (1 - ac).sqrt() * noise.double(),

@@ -182,7 +182,7 @@ def test_prepare_image_shape_range_and_centre_crop():
     assert out.min() >= -1 and out.max() <= 1
     assert torch.equal(out, prepare_image(image, 64, True, False)[0])  # deterministic
     assert (out[:, 40:, :4] < -0.9).all() and (out[:, :, -4:] > 0.9).all()  # black left, white right
-    assert crop == Crop((100, 200), (0, 32)) and crop.time_ids(64) == [100, 200, 0, 32, 64, 64]
+    assert crop == Crop((100, 200), (0, 32), (64, 64)) and crop.time_ids() == [100, 200, 0, 32, 64, 64]
     assert prepare_image(_halves(20, 10), 64, True, False)[0].shape == (3, 64, 64)  # upscaled
 
 

@@ -17,33 +17,49 @@ from ..inject import singlora_parameters
 from ..pipelines import DTYPES, check_base_exists, inject_adapters, load_pipeline, pipeline_components, resolve_base
 from ..targets import resolve_patterns
 from .config import TrainConfig
+from .dataset import Concept, Item, load_concepts, training_items
 
 
 @dataclass
 class Inputs:
-    """What validation found: usable image files and the resolved base."""
+    """What validation found: the resolved base, the concepts and what trains on them."""
     base: str
-    instance_images: list[Path]
-    class_images: list[Path] = field(default_factory=list)
+    concepts: list[Concept]
+    items: list[Item]                       # every image (and repeat) with its prompt and size
+    class_images: list[list[Path]] = field(default_factory=list)  # per concept (prior preservation)
+
+    @property
+    def instance_images(self) -> list[Path]:
+        return list(dict.fromkeys(item.path for item in self.items))
+
+
+def _flag(cfg: TrainConfig, c: int, key: str) -> str:
+    """How a message names a concept's setting: the flag, or the concepts file's entry."""
+    return f"--concepts_list {cfg.concepts_list}, concept {c + 1}, {key}" if cfg.concepts_list else f"--{key}"
 
 
 def validate(cfg: TrainConfig) -> Inputs:
-    """Every check that needs no model: images, output folder, base, presets. Raises one clear error."""
+    """Every check that needs no model: images, captions, output folder, base, presets. Raises one clear error."""
     from .data import check_sizes
 
-    images = scan_images(cfg.instance_data_dir, "--instance_data_dir", "instance images")
-    check_sizes(images, cfg.resolution)
+    concepts = load_concepts(cfg)
+    images = [scan_images(c.instance_data_dir, _flag(cfg, i, "instance_data_dir"), "instance images")
+              for i, c in enumerate(concepts)]
+    check_sizes([p for paths in images for p in paths], cfg.resolution)
+    items = training_items(cfg, concepts, images)
     check_writable(cfg.output_dir, "--output_dir")
     resolve_patterns(cfg.target_modules, "unet")
     base = resolve_base(cfg.pretrained_model_name_or_path)
     check_base_exists(base)
-    class_images: list[Path] = []
+    class_images: list[list[Path]] = []
     if cfg.with_prior_preservation:
-        Path(cfg.class_data_dir).mkdir(parents=True, exist_ok=True)
-        try:
-            class_images = scan_images(cfg.class_data_dir, "--class_data_dir", "class images")
-        except ImageFolderError:
-            class_images = []  # none yet: they will be generated
+        for i, concept in enumerate(concepts):
+            Path(concept.class_data_dir).mkdir(parents=True, exist_ok=True)
+            try:
+                class_images.append(scan_images(concept.class_data_dir, _flag(cfg, i, "class_data_dir"),
+                                                "class images"))
+            except ImageFolderError:
+                class_images.append([])  # none yet: they will be generated
     if cfg.dataloader_num_workers:
         # said, not silently dropped: a user of diffusers' scripts expects worker processes
         warnings.warn(f"--dataloader_num_workers {cfg.dataloader_num_workers} is ignored: this trainer has no "
@@ -51,7 +67,7 @@ def validate(cfg: TrainConfig) -> Inputs:
     if cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise MissingDependency("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only), "
                                 "or drop the flag")
-    return Inputs(base, images, class_images)
+    return Inputs(base, concepts, items, class_images)
 
 
 @dataclass

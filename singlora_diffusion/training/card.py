@@ -6,10 +6,13 @@ from pathlib import Path
 from ..files import write_text
 from .build import Trainee
 from .config import TrainConfig
+from .dataset import Concept, validation_prompts
 
 
-def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path, weights: dict[str, Path]) -> dict:
-    """README.md + samples.png: the base model (top row) and the adapted one (bottom), same seeds.
+def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path, weights: dict[str, Path],
+                     concepts: list[Concept]) -> dict:
+    """README.md + samples.png: per prompt, the base model (a row) and the adapted one (the row below),
+    same seeds. The prompts are the validation prompts, else each concept's instance prompt.
 
     weights: what write_final wrote ("adapter", "diffusers", "kohya"); the card says which file goes where.
     """
@@ -18,16 +21,21 @@ def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path, weigh
     from ..adapters import adapters_off
     from ..generate import render
 
-    prompt = cfg.validation_prompt or cfg.instance_prompt
+    prompts = validation_prompts(cfg, concepts) or list(dict.fromkeys(c.instance_prompt for c in concepts))
     for m in trainee.trained.values():
         m.eval()
     settings = dict(seed=cfg.seed, steps=cfg.validation_inference_steps, num_images=cfg.num_validation_images,
                     width=cfg.resolution, height=cfg.resolution)
-    with adapters_off(trainee.pipe):
-        before = render(trainee.pipe, prompt, **settings)
-    after = render(trainee.pipe, prompt, **settings)
+    rows = []
+    for prompt in prompts:
+        with adapters_off(trainee.pipe):
+            rows.append(render(trainee.pipe, prompt, **settings))
+        rows.append(render(trainee.pipe, prompt, **settings))
     grid_path = output_dir / "samples.png"
-    make_image_grid(before + after, rows=2, cols=len(before)).save(grid_path)
+    make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0])).save(grid_path)
+    subjects = "\n".join(f"- instance prompt: `{c.instance_prompt}` ({c.instance_data_dir}"
+                         + (f"; class prompt `{c.class_prompt}`" if c.class_prompt else "")
+                         + (f"; {c.repeats} repeats" if c.repeats > 1 else "") + ")" for c in concepts)
     uses = []
     if "kohya" in weights:
         uses.append(f"| ComfyUI, A1111, Forge | copy `{weights['kohya'].name}` to `models/loras/` |")
@@ -40,7 +48,7 @@ def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path, weigh
     uses = "\n".join(uses)
     text = f"""---
 base_model: {cfg.pretrained_model_name_or_path}
-instance_prompt: {cfg.instance_prompt}
+instance_prompt: {concepts[0].instance_prompt}
 tags: [stable-diffusion, dreambooth, {cfg.adapter}, singlora-diffusion]
 ---
 # {cfg.adapter} DreamBooth adapter
@@ -48,7 +56,7 @@ tags: [stable-diffusion, dreambooth, {cfg.adapter}, singlora-diffusion]
 Trained with singlora-diffusion `train_dreambooth.py` on
 `{cfg.pretrained_model_name_or_path}` for {cfg.max_train_steps} steps.
 
-- instance prompt: `{cfg.instance_prompt}`
+{subjects}
 - adapter: {cfg.adapter}, rank {cfg.rank}, alpha {cfg.alpha:g}, targets `{cfg.target_modules}`
   {"" if cfg.text_encoder_target_modules is None else f"(text encoders: `{cfg.text_encoder_target_modules}`)"}
 - learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}), batch {cfg.train_batch_size} x
@@ -61,7 +69,8 @@ Trained with singlora-diffusion `train_dreambooth.py` on
 |---|---|
 {uses}
 
-## Samples: `{prompt}` (top: base model, bottom: with the adapter; same seeds)
+## Samples: {", ".join(f"`{p}`" for p in prompts)} (per prompt, a row of the base model, then a row with
+the adapter; same seeds)
 
 ![samples](samples.png)
 """

@@ -17,11 +17,12 @@ from ..errors import UserError
 from ..files import write_progress
 from ..inject import attach_ramp, singlora_modules
 from ..layer import ramp
-from .batches import LatentSource, PromptEncoder, sample_indices, seed_sample
+from .batches import PromptEncoder, TrainingData
 from .build import Inputs, Trainee
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .loss import draw_noise, dreambooth_loss, per_sample_mse, snr_weights, target_of
+from .dataset import validation_prompts
+from .loss import dreambooth_loss, per_sample_mse, snr_weights, target_of
 from .weights import read_weights, write_weights
 
 
@@ -56,47 +57,23 @@ def ramp_value(trainee: Trainee):
     return lambda: float(ramp(m.singlora_step, m.ramp_up_steps))
 
 
-def draw_samples(cfg: TrainConfig, source: LatentSource, stream: str, first: int, num_train_timesteps: int):
-    """Samples first .. first + batch - 1 of one stream: (VAE latents, time ids, noise, timesteps).
-
-    Each sample's draws come from its own seed (batches.seed_sample), in a fixed order.
-    """
-    image_seed = cfg.seed + (1 if stream == "class" else 0)
-    latents, time_ids, noises, timesteps = [], [], [], []
-    for s in range(first, first + cfg.train_batch_size):
-        seed_sample(cfg.seed, stream, s)
-        latent, time_id = source.get(sample_indices(len(source.paths), s, 1, image_seed)[0])
-        noise, t = draw_noise(tuple(latent.shape), cfg.noise_offset, num_train_timesteps)
-        latents.append(latent)
-        time_ids.append(time_id)
-        noises.append(noise)
-        timesteps.append(t)
-    return source.scale(torch.stack(latents)), torch.tensor(time_ids), torch.stack(noises), torch.stack(timesteps)
-
-
 def micro_batch_loss(cfg: TrainConfig, trainee: Trainee, accelerator, noise_scheduler, prompts: PromptEncoder,
-                     instance: LatentSource, prior: LatentSource | None, first: int):
-    """The DreamBooth loss of samples first .. first + batch - 1 (and as many class images)."""
-    bs, device, dtype = cfg.train_batch_size, accelerator.device, trainee.weight_dtype
-    num_t = noise_scheduler.config.num_train_timesteps
-    parts = [draw_samples(cfg, instance, "instance", first, num_t)]
-    texts = [cfg.instance_prompt] * bs
-    if prior is not None:
-        parts.append(draw_samples(cfg, prior, "class", first, num_t))
-        texts += [cfg.class_prompt] * bs
-    latents, time_ids, noise, timesteps = (torch.cat(t) for t in zip(*parts))
-    latents = latents.to(device, dtype)
-    noise, timesteps = noise.to(latents), timesteps.to(device)
-    embeds, pooled = zip(*(prompts.get(t) for t in texts))
+                     data: TrainingData, k: int):
+    """The DreamBooth loss of batch k of the global stream (instance samples, and as many class samples)."""
+    device, dtype = accelerator.device, trainee.weight_dtype
+    batch = data.micro_batch(k, noise_scheduler.config.num_train_timesteps)
+    latents = batch.latents.to(device, dtype)
+    noise, timesteps = batch.noise.to(latents), batch.timesteps.to(device)
+    embeds, pooled = zip(*(prompts.get(t) for t in batch.prompts))
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     cond = {}
     if pooled[0] is not None:  # SDXL: pooled text and micro-conditioning (original size, crop, target size)
-        cond = {"added_cond_kwargs": {"text_embeds": torch.cat(pooled), "time_ids": time_ids.to(device, dtype)}}
+        cond = {"added_cond_kwargs": {"text_embeds": torch.cat(pooled), "time_ids": batch.time_ids.to(device, dtype)}}
     with accelerator.autocast():
         pred = trainee.pipe.unet(noisy, timesteps, torch.cat(embeds), **cond).sample
     mse = per_sample_mse(pred, target_of(noise_scheduler, latents, noise, timesteps))
     weights = None if cfg.snr_gamma is None else snr_weights(noise_scheduler, timesteps, cfg.snr_gamma)
-    return dreambooth_loss(mse, bs, cfg.prior_loss_weight, weights)
+    return dreambooth_loss(mse, batch.n_instance, cfg.prior_loss_weight, weights)
 
 
 def average_gradients(params, accelerator) -> None:
@@ -126,10 +103,8 @@ class TrainingLoop:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         if cfg.prediction_type:
             self.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-        source = lambda images: LatentSource(pipe.vae, images, cfg.resolution, cfg.center_crop,  # noqa: E731
-                                             cfg.random_flip, cfg.cache_latents)
-        self.instance = source(inputs.instance_images)
-        self.prior = source(inputs.class_images) if cfg.with_prior_preservation else None
+        self.data = TrainingData(cfg, pipe.vae, inputs.concepts, inputs.items, inputs.class_images,
+                                 cfg.with_prior_preservation)
         self.prompts = PromptEncoder(pipe, cache=cfg.cache_text_embeddings and not trainee.trains_text_encoders)
         self.params = trainee.parameters()
         self.optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, self.params))
@@ -142,6 +117,7 @@ class TrainingLoop:
         if trainee.adapter == "singlora":
             attach_ramp(self.optimizer, *trainee.trained.values())  # after prepare: hooks the inner optimizer
         self.u_now = ramp_value(trainee)
+        self.validation_prompts = validation_prompts(cfg, inputs.concepts)
         self.step = 0                 # optimizer steps taken
         self.samples = 0              # samples of the global stream consumed
         self.at_step_end = 0          # ... by the last finished step: a Ctrl-C mid-step redoes that step
@@ -163,10 +139,10 @@ class TrainingLoop:
         micro_logs = []
         for _ in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(self.trainee.pipe.unet):
-                # This rank's slice of the global sample stream (see batches.sample_indices).
-                first = self.samples + accelerator.process_index * cfg.train_batch_size
+                # This rank's batch of the global stream (see batches.BatchPlan).
+                k = self.samples // cfg.train_batch_size + accelerator.process_index
                 loss, logs = micro_batch_loss(cfg, self.trainee, accelerator, self.noise_scheduler, self.prompts,
-                                              self.instance, self.prior, first)
+                                              self.data, k)
                 if not torch.isfinite(loss):  # before backward: a NaN never reaches the weights
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at step {self.step + 1}; training stopped. The last good "
@@ -216,8 +192,9 @@ class TrainingLoop:
         accelerator.log(logs, step=self.step)
         if self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_train_steps:
             self.last_checkpoint = self.checkpoint()
-        if cfg.validation_prompt and self.step % cfg.validation_steps == 0:
-            self.validation_images = validate_images(cfg, self.trainee, accelerator, self.step)
+        if self.validation_prompts and self.step % cfg.validation_steps == 0:
+            self.validation_images = validate_images(cfg, self.trainee, accelerator, self.step,
+                                                     self.validation_prompts)
         if accelerator.is_main_process:
             write_progress(cfg.output_dir, step=self.step, total=cfg.max_train_steps, loss=logs.get("loss"),
                            validation_image=str(self.validation_images[0]) if self.validation_images else None)
@@ -274,8 +251,9 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
 
 
 @torch.no_grad()
-def validate_images(cfg: TrainConfig, trainee: Trainee, accelerator, step: int) -> list[Path]:
-    """Render the validation prompt with the model being trained, in place.
+def validate_images(cfg: TrainConfig, trainee: Trainee, accelerator, step: int, prompts: list[str]) -> list[Path]:
+    """Render the validation prompts with the model being trained, in place: step-N-K.png, K counting
+    the images of every prompt in order.
 
     Nothing is cast or copied: the trained modules keep their dtypes (the bug
     where diffusers' scripts cast LoRA layers to fp16 for validation and then
@@ -288,8 +266,9 @@ def validate_images(cfg: TrainConfig, trainee: Trainee, accelerator, step: int) 
     models = list(trainee.trained.values())
     for m in models:
         m.eval()
-    images = render(trainee.pipe, cfg.validation_prompt, seed=cfg.seed, steps=cfg.validation_inference_steps,
-                    num_images=cfg.num_validation_images, width=cfg.resolution, height=cfg.resolution)
+    images = [image for prompt in prompts
+              for image in render(trainee.pipe, prompt, seed=cfg.seed, steps=cfg.validation_inference_steps,
+                                  num_images=cfg.num_validation_images, width=cfg.resolution, height=cfg.resolution)]
     for m in models:
         m.train()
     folder = Path(cfg.output_dir) / "validation"

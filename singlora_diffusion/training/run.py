@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from ..errors import WriteError
 from ..files import atomic_path, write_text
 from .build import Inputs, Trainee, build, validate
+from .dataset import num_class_images
 from .checkpoint import reconcile_resume, resolve_resume, write_failure
 from .config import TrainConfig
 from .loop import fit
@@ -16,7 +18,7 @@ from .weights import write_final
 
 
 def generate_class_images(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> None:
-    """Top the class folder up to num_class_images with the base model (adapters off).
+    """Top each concept's class folder up to its num_class_images with the base model (adapters off).
 
     Existing images are kept, so an interrupted generation resumes where it stopped.
     """
@@ -24,27 +26,43 @@ def generate_class_images(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, ac
     from ..generate import render
     from ..images import scan_images
 
-    missing = cfg.num_class_images - len(inputs.class_images)
-    if missing > 0 and accelerator.is_main_process:
-        folder = Path(cfg.class_data_dir)
-        print(f"generating {missing} class images for '{cfg.class_prompt}' in {folder}")
-        start = len(inputs.class_images)
-        # The base model's prior: every adapter off, text encoders' included (A·Aᵀ is not zero at
-        # initialisation, so a fresh adapter already changes the class-prompt embedding).
-        with adapters_off(trainee.pipe):
-            for first in range(start, cfg.num_class_images, cfg.sample_batch_size):
-                n = min(cfg.sample_batch_size, cfg.num_class_images - first)
-                images = render(trainee.pipe, cfg.class_prompt, seed=cfg.seed * 1_000_003 + first,
-                                steps=cfg.validation_inference_steps, num_images=n,
-                                width=cfg.resolution, height=cfg.resolution)
-                for i, image in enumerate(images):
-                    # whole or absent: a half-written PNG would be skipped as corrupt by the next run
-                    with atomic_path(folder / f"class-{first + i:05d}.png") as tmp:
-                        image.save(tmp, format="PNG")
+    for c, concept in enumerate(inputs.concepts):
+        wanted, have = num_class_images(cfg, concept), len(inputs.class_images[c])
+        if wanted > have and accelerator.is_main_process:
+            folder = Path(concept.class_data_dir)
+            print(f"generating {wanted - have} class images for '{concept.class_prompt}' in {folder}")
+            # The base model's prior: every adapter off, text encoders' included (A·Aᵀ is not zero at
+            # initialisation, so a fresh adapter already changes the class-prompt embedding).
+            with adapters_off(trainee.pipe):
+                for first in range(have, wanted, cfg.sample_batch_size):
+                    n = min(cfg.sample_batch_size, wanted - first)
+                    images = render(trainee.pipe, concept.class_prompt, seed=cfg.seed * 1_000_003 + first,
+                                    steps=cfg.validation_inference_steps, num_images=n,
+                                    width=cfg.resolution, height=cfg.resolution)
+                    for i, image in enumerate(images):
+                        # whole or absent: a half-written PNG would be skipped as corrupt by the next run
+                        with atomic_path(folder / f"class-{first + i:05d}.png") as tmp:
+                            image.save(tmp, format="PNG")
     accelerator.wait_for_everyone()
-    if cfg.with_prior_preservation:
-        found = scan_images(cfg.class_data_dir, "--class_data_dir", "class images")
-        inputs.class_images = found[: cfg.num_class_images]
+    for c, concept in enumerate(inputs.concepts):
+        found = scan_images(concept.class_data_dir, "--class_data_dir", "class images")
+        inputs.class_images[c] = found[: num_class_images(cfg, concept)]
+
+
+def image_lines(cfg: TrainConfig, inputs: Inputs) -> list[str]:
+    """The summary's lines on the data: each concept's images, and the buckets' sizes."""
+    lines = []
+    for c, concept in enumerate(inputs.concepts):
+        n = len({item.path for item in inputs.items if item.concept == c})
+        line = f"{n} instance{f' x {concept.repeats} repeats' if concept.repeats > 1 else ''} " \
+               f"({concept.instance_data_dir}, '{concept.instance_prompt}')"
+        if cfg.with_prior_preservation:
+            line += f", {len(inputs.class_images[c])} class"
+        lines.append(f" {'images' if c == 0 else '':11s} {line}")
+    if cfg.enable_bucket:
+        sizes = Counter(item.size for item in inputs.items)
+        lines.append(" buckets     " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(sizes.items())))
+    return lines
 
 
 def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> str:
@@ -56,8 +74,7 @@ def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> 
         f" targets     unet: {cfg.target_modules}"
         + ("" if cfg.text_encoder_target_modules is None else f"; text encoders: {cfg.text_encoder_target_modules}"),
         f" trainable   {n_params:,} parameters",
-        f" images      {len(inputs.instance_images)} instance ({cfg.instance_data_dir})"
-        + (f", {len(inputs.class_images)} class" if cfg.with_prior_preservation else ""),
+        *image_lines(cfg, inputs),
         f" steps       {cfg.max_train_steps} x batch {cfg.train_batch_size} x accumulation "
         f"{cfg.gradient_accumulation_steps} x {accelerator.num_processes} process(es), lr {cfg.learning_rate:g}",
         f" precision   base {cfg.mixed_precision}, adapter float32; seed {cfg.seed}",
@@ -126,7 +143,7 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
                              f"checkpoint, {result.last_checkpoint}, is complete: free space, then resume from it") from None
         files["config"] = output_dir / "config.yaml"
         files["checkpoint"] = result.last_checkpoint
-        files.update(write_model_card(cfg, trainee, output_dir, weights=dict(files)))
+        files.update(write_model_card(cfg, trainee, output_dir, dict(files), inputs.concepts))
         print("files written:")
         for name, path in files.items():
             print(f"  {name:11s} {path}")

@@ -77,7 +77,7 @@ def write_final(trainee: Trainee, output_dir: Path, base_model: str, cfg) -> dic
         native = write_weights(trainee, output_dir, base_model, cfg)
         kohya = output_dir / kohya_file_name(output_dir)
         training = {"resolution": cfg.resolution, "max_train_steps": cfg.max_train_steps,
-                    "output_name": kohya.stem, "instance_prompt": cfg.instance_prompt}
+                    "output_name": kohya.stem, "instance_prompt": cfg.instance_prompt or cfg.concepts_list}
         return {"adapter": native, "diffusers": export_diffusers(native, output_dir),
                 "kohya": export_kohya(native, kohya, training=training)}
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
