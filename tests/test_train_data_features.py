@@ -285,3 +285,13 @@ def test_contradictory_or_missing_concept_flags_are_refused(tiny_pipeline_dir, t
 def test_a_bucket_range_that_cannot_hold_the_resolution_is_refused(settings, expected, tiny_pipeline_dir, tmp_path):
     with pytest.raises(BadInput, match=expected):
         tiny_config(tiny_pipeline_dir(), tmp_path, **{**BUCKETS, **settings})
+
+
+def test_small_image_warning_measures_against_the_bucket(tiny_pipeline_dir, tmp_path):
+    photos = _pictures(tmp_path / "photos", [(100, 50), (100, 100)])  # 2:1 trains at 80x48 in a bucket
+    for buckets, warned in (({}, True), (BUCKETS, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            validate(tiny_config(tiny_pipeline_dir(), tmp_path / "out", instance_data_dir=str(photos), **buckets))
+        said = [str(w.message) for w in caught if "upscaled" in str(w.message)]
+        assert bool(said) == warned and all("img0.png upscaled from 100x50" in m for m in said)

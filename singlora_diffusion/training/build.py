@@ -28,10 +28,6 @@ class Inputs:
     items: list[Item]                       # every image (and repeat) with its prompt and size
     class_images: list[list[Path]] = field(default_factory=list)  # per concept (prior preservation)
 
-    @property
-    def instance_images(self) -> list[Path]:
-        return list(dict.fromkeys(item.path for item in self.items))
-
 
 def _flag(cfg: TrainConfig, c: int, key: str) -> str:
     """How a message names a concept's setting: the flag, or the concepts file's entry."""
@@ -40,12 +36,9 @@ def _flag(cfg: TrainConfig, c: int, key: str) -> str:
 
 def validate(cfg: TrainConfig) -> Inputs:
     """Every check that needs no model: images, captions, output folder, base, presets. Raises one clear error."""
-    from .data import check_sizes
-
     concepts = load_concepts(cfg)
     images = [scan_images(c.instance_data_dir, _flag(cfg, i, "instance_data_dir"), "instance images")
               for i, c in enumerate(concepts)]
-    check_sizes([p for paths in images for p in paths], cfg.resolution)
     items = training_items(cfg, concepts, images)
     check_writable(cfg.output_dir, "--output_dir")
     resolve_patterns(cfg.target_modules, "unet")

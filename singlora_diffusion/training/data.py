@@ -123,20 +123,24 @@ def upright_size(path: Path) -> Size:
     return width, height
 
 
-def check_sizes(paths, resolution: int) -> None:
-    """One UserWarning naming every image whose shorter side is below `resolution`.
+def check_sizes(paths, sizes: int | list[Size]) -> None:
+    """One UserWarning naming every image smaller than the size it trains at (`sizes`: one square
+    side for all, or each image's (w, h) bucket).
 
     Such images are upscaled by prepare_image and train the model on blur.
     """
     paths, small = [Path(p) for p in paths], []
-    for path in paths:
+    targets = [(sizes, sizes)] * len(paths) if isinstance(sizes, int) else sizes
+    for path, (target_w, target_h) in zip(paths, targets):
         width, height = upright_size(path)
-        if min(width, height) < resolution:
-            small.append(f"{path} upscaled from {width}x{height}")
+        if width < target_w or height < target_h:
+            small.append(f"{path} upscaled from {width}x{height}"
+                         + ("" if target_w == target_h else f" to its bucket {target_w}x{target_h}"))
     if small:
-        warnings.warn(f"{len(small)} of {len(paths)} image(s) have a shorter side below --resolution "
-                      f"{resolution} and will be upscaled (blurry); use larger photos or a lower "
-                      f"--resolution: " + "; ".join(small), UserWarning, stacklevel=2)
+        warnings.warn(f"{len(small)} of {len(paths)} image(s) are smaller than the size they train at "
+                      f"(--resolution {targets[0][0] if isinstance(sizes, int) else 'and its buckets'}) and "
+                      f"will be upscaled (blurry); use larger photos or a lower --resolution: "
+                      + "; ".join(small), UserWarning, stacklevel=2)
 
 
 def augmentations_are_deterministic(center_crop: bool, random_flip: bool) -> bool:

@@ -21,7 +21,7 @@ import yaml
 
 from ..bundled import resolve_data_dir
 from ..errors import BadInput, NotFound
-from .data import Size, make_buckets, nearest_bucket, read_caption, upright_size
+from .data import Size, check_sizes, make_buckets, nearest_bucket, read_caption, upright_size
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,8 @@ def training_items(cfg, concepts: list[Concept], images: list[list[Path]]) -> li
                 unnamed.append(f"{path.with_suffix(cfg.caption_extension)} (wants {' or '.join(sorted(names))})")
             size = nearest_bucket(upright_size(path), buckets) if buckets else (cfg.resolution, cfg.resolution)
             items += [Item(path, caption or concept.instance_prompt, c, size)] * concept.repeats
+    distinct = {item.path: item.size for item in items}
+    check_sizes(list(distinct), list(distinct.values()))
     if unnamed:
         warnings.warn(f"{len(unnamed)} caption(s) do not name their subject's identifier, so those images do not "
                       f"tie the subject to its token; add it to the captions: " + "; ".join(unnamed[:5])
