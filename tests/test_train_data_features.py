@@ -187,6 +187,7 @@ def test_a_caption_without_the_identifier_is_warned_about_once(tiny_pipeline_dir
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         validate(cfg)
+    assert not [w for w in caught if "skipped" in str(w.message)]  # caption files are not skipped images
     said = [str(w.message) for w in caught if "identifier" in str(w.message)]
     assert len(said) == 1 and "2 caption(s)" in said[0] and f"{stems[0]}.txt" in said[0] and "sks" in said[0]
 

@@ -34,10 +34,18 @@ def _flag(cfg: TrainConfig, c: int, key: str) -> str:
     return f"--concepts_list {cfg.concepts_list}, concept {c + 1}, {key}" if cfg.concepts_list else f"--{key}"
 
 
+def _captions(folder: str, extension: str | None) -> tuple[str, ...]:
+    """The caption files in `folder`: they belong there, and are not skipped images."""
+    if not extension or not Path(folder).is_dir():
+        return ()
+    return tuple(p.name for p in Path(folder).iterdir() if p.suffix.lower() == extension.lower())
+
+
 def validate(cfg: TrainConfig) -> Inputs:
     """Every check that needs no model: images, captions, output folder, base, presets. Raises one clear error."""
     concepts = load_concepts(cfg)
-    images = [scan_images(c.instance_data_dir, _flag(cfg, i, "instance_data_dir"), "instance images")
+    images = [scan_images(c.instance_data_dir, _flag(cfg, i, "instance_data_dir"), "instance images",
+                          ignore=_captions(c.instance_data_dir, cfg.caption_extension))
               for i, c in enumerate(concepts)]
     items = training_items(cfg, concepts, images)
     check_writable(cfg.output_dir, "--output_dir")
