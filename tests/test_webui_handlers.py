@@ -127,12 +127,15 @@ def test_train_tab_settings_reach_the_trainer_config_and_captions_land_beside_th
     assert (photo_dir / "c.txt").read_text() == "sks dog, blue hour\n"  # the extension the trainer looks for
 
 
-def test_train_tab_defaults_keep_the_preset(train_state, tmp_path):
+@pytest.mark.parametrize("blank", [None, 0])  # a script sends None; a browser shows an empty field as 0
+def test_train_tab_defaults_keep_the_preset(train_state, tmp_path, blank):
     """Nothing changed on the form: the preset's values stand and no new flag is on."""
     from singlora_diffusion.training import load_yaml
 
     photos = upload(tmp_path / "gradio", {"a.png": "red", "b.png": "green"})
-    handlers.start_training(train_state, photos, "", TrainRequest("a photo of sks dog", steps=3))
+    handlers.start_training(train_state, photos, "", TrainRequest(
+        "a photo of sks dog", steps=3, learning_rate=blank, min_bucket_reso=blank, max_bucket_reso=blank,
+        bucket_reso_steps=blank, ema_decay=blank))
     cfg = trainer_config(Recorder.started[0])
     demo = load_yaml("demo")
     assert (cfg.adapter, cfg.optimizer, cfg.learning_rate) == (demo["adapter"], "adamw", demo["learning_rate"])
@@ -229,3 +232,14 @@ def test_a_prompt_that_starts_with_a_dash_stays_the_prompt(train_state, tmp_path
     photos = upload(tmp_path / "gradio", {"a.png": "red"})
     handlers.start_training(train_state, photos, "", TrainRequest("--sks", steps=3))
     assert trainer_config(Recorder.started[0]).instance_prompt == "--sks"
+
+
+def test_buckets_and_ema_from_a_browser_form_left_at_zero(train_state, tmp_path):
+    """Ticked boxes, blank (0) advanced fields: the trainer's defaults, the smallest bucket fitted to the demo's 64 px."""
+    photos = upload(tmp_path / "gradio", {"a.png": "red"})
+    handlers.start_training(train_state, photos, "", TrainRequest(
+        "a photo of sks dog", steps=3, learning_rate=0, enable_bucket=True, min_bucket_reso=0, max_bucket_reso=0,
+        bucket_reso_steps=0, use_ema=True, ema_decay=0))
+    cfg = trainer_config(Recorder.started[0])
+    assert (cfg.enable_bucket, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps) == (True, 64, 1024, 64)
+    assert (cfg.use_ema, cfg.ema_decay, cfg.learning_rate) == (True, 0.9999, 1e-3)

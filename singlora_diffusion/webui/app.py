@@ -107,23 +107,23 @@ def _train_tab(gr, cb) -> None:
                                            label="LoRA+ ratio: B's learning rate over A's")
         s["optimizer"] = gr.Dropdown(offered_optimizers(), value="adamw", label="Optimizer",
                                      elem_id="train_optimizer")
-        s["learning_rate"] = gr.Number(value=None, label="Learning rate (blank: the preset's)")
+        s["learning_rate"] = gr.Number(value=None, label="Learning rate (0: the preset's)")
     note = gr.Markdown(optimizer_note())
     with gr.Row():
         s["enable_bucket"] = gr.Checkbox(label="Buckets: keep each photo's aspect ratio (no square crop)")
         s["caption_dropout_rate"] = gr.Number(value=trainer_default("caption_dropout_rate"), minimum=0, maximum=1,
                                               label="Caption dropout rate (share of steps on the empty prompt)")
         s["use_ema"] = gr.Checkbox(label="EMA of the adapter weights (validation and the saved adapter use it)")
-    with gr.Accordion("Advanced: buckets and EMA (blank: the trainer's defaults)", open=False):
+    with gr.Accordion("Advanced: buckets and EMA (0: the trainer's defaults)", open=False):
         with gr.Row():
             s["min_bucket_reso"] = gr.Number(value=None, precision=0, label=(
-                f"Smallest bucket side (blank: {trainer_default('min_bucket_reso')}, or the preset's resolution "
+                f"Smallest bucket side (0: {trainer_default('min_bucket_reso')}, or the preset's resolution "
                 f"if smaller)"))
             s["max_bucket_reso"] = gr.Number(value=None, precision=0,
-                                             label=f"Largest bucket side ({trainer_default('max_bucket_reso')})")
+                                             label=f"Largest bucket side (0: {trainer_default('max_bucket_reso')})")
             s["bucket_reso_steps"] = gr.Number(value=None, precision=0, label=(
-                f"Bucket sides are multiples of ({trainer_default('bucket_reso_steps')})"))
-            s["ema_decay"] = gr.Number(value=None, label=f"EMA decay ({trainer_default('ema_decay')})")
+                f"Bucket sides are multiples of (0: {trainer_default('bucket_reso_steps')})"))
+            s["ema_decay"] = gr.Number(value=None, label=f"EMA decay (0: {trainer_default('ema_decay')})")
     with gr.Row():
         train_btn = gr.Button("Train", variant="primary")
         cancel_btn = gr.Button("Cancel")

@@ -71,7 +71,9 @@ class GenerateRequest:
 class TrainRequest:
     """The Train tab's settings, checked as form fields; the trainer's TrainConfig checks them again as flags.
 
-    None in an optional number means "not given": the preset's (or the trainer's) value stands.
+    None or 0 in an optional number means "not given": the preset's (or the trainer's) value stands.
+    (A browser shows an empty number field as 0 and sends it so; 0 is no learning rate, bucket
+    side or EMA decay anyone can mean.)
     """
     instance_prompt: str
     class_name: str = ""
@@ -98,6 +100,9 @@ class TrainRequest:
         if self.adapter not in ADAPTERS:
             raise BadRequest(f"Pick an adapter: {', '.join(ADAPTERS)} (got {self.adapter!r}).")
         self.caption_dropout_rate = between("caption dropout rate", self.caption_dropout_rate or 0.0, 0, 1)
+        for name in ("learning_rate", "ema_decay", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+            if getattr(self, name) == 0:
+                setattr(self, name, None)
         for name, low, high in (("learning_rate", 1e-12, 10), ("loraplus_lr_ratio", 1e-3, 1e3),
                                 ("ema_decay", 1e-6, 1 - 1e-9)):
             if getattr(self, name) is not None:
