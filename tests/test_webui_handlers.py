@@ -127,7 +127,7 @@ def test_train_tab_settings_reach_the_trainer_config_and_captions_land_beside_th
     assert (photo_dir / "c.txt").read_text() == "sks dog, blue hour\n"  # the extension the trainer looks for
 
 
-@pytest.mark.parametrize("blank", [None, 0])  # a script sends None; a browser shows an empty field as 0
+@pytest.mark.parametrize("blank", [None, 0])  # a blank field; the browser shows it as 0
 def test_train_tab_defaults_keep_the_preset(train_state, tmp_path, blank):
     """Nothing changed on the form: the preset's values stand and no new flag is on."""
     from singlora_diffusion.training import load_yaml
@@ -235,7 +235,7 @@ def test_a_prompt_that_starts_with_a_dash_stays_the_prompt(train_state, tmp_path
 
 
 def test_buckets_and_ema_from_a_browser_form_left_at_zero(train_state, tmp_path):
-    """Ticked boxes, blank (0) advanced fields: the trainer's defaults, the smallest bucket fitted to the demo's 64 px."""
+    """Ticked boxes, advanced fields at 0: the trainer's defaults, the smallest bucket fitted to the demo's 64 px."""
     photos = upload(tmp_path / "gradio", {"a.png": "red"})
     handlers.start_training(train_state, photos, "", TrainRequest(
         "a photo of sks dog", steps=3, learning_rate=0, enable_bucket=True, min_bucket_reso=0, max_bucket_reso=0,

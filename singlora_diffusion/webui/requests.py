@@ -72,8 +72,8 @@ class TrainRequest:
     """The Train tab's settings, checked as form fields; the trainer's TrainConfig checks them again as flags.
 
     None or 0 in an optional number means "not given": the preset's (or the trainer's) value stands.
-    (A browser shows an empty number field as 0 and sends it so; 0 is no learning rate, bucket
-    side or EMA decay anyone can mean.)
+    (The browser shows a blank number field as 0, so 0 must read as blank too; it is no learning
+    rate, bucket side or EMA decay anyone can mean.)
     """
     instance_prompt: str
     class_name: str = ""
