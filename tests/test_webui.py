@@ -384,7 +384,7 @@ def test_train_tab_trains_cancels_and_lists_the_adapter(ui, monkeypatch, tmp_pat
     # the first run from uploaded photos and one caption, through Gradio's own upload
     (tmp_path / "00.txt").write_text("a photo of sks dog on the grass")
     uploads = [handle_file(str(p)) for p in sorted(dog3.glob("*.jpg"))] + [handle_file(str(tmp_path / "00.txt"))]
-    assert "(1 captions)" in train(client, photos=uploads, folder="")
+    assert "(1 caption)" in train(client, photos=uploads, folder="")
     run = max((adapters / "runs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
     assert (run / "photos" / "00.txt").read_text() == "a photo of sks dog on the grass\n"
     assert "--caption_extension" in app.app_state.job.args

@@ -172,7 +172,7 @@ def start_training(state: AppState, photos, folder: str, req: TrainRequest) -> s
             write_text(data / f"{stem}{CAPTION_SUFFIX}", text + "\n")
     state.job = TrainingJob(run, trainer_args(req, data, bool(captions), extra), threads=state.trainer_threads)
     return f"Training in {run.relative_to(state.adapters_dir)} ..." + (
-        f" ({len(captions)} captions)" if captions else "")
+        f" ({len(captions)} caption{'s' * (len(captions) > 1)})" if captions else "")
 
 
 def optimizer_changed(optimizer: str, learning_rate) -> tuple[float | None, str]:
