@@ -26,6 +26,17 @@ def call(client, prompt="a photo of sks dog", api="/generate", **overrides):
                           v["height"], v["strength"], api_name=api)
 
 
+def train(client, photos=None, folder="subject", steps=2, submit=False, **settings):
+    """/train with the Train tab's fields: the form's defaults (TrainRequest's), then `settings`."""
+    from dataclasses import fields
+
+    from singlora_diffusion.webui.requests import TrainRequest
+
+    given = {"instance_prompt": "a photo of sks dog", "class_name": "dog", "preset": "demo", "steps": steps, **settings}
+    values = [given.get(f.name, f.default) for f in fields(TrainRequest)]
+    return (client.submit if submit else client.predict)(photos, folder, *values, api_name="/train")
+
+
 def pixels(item) -> torch.Tensor:
     return torch.tensor(list(Image.open(item["image"]).convert("RGB").getdata()), dtype=torch.float32)
 
@@ -233,7 +244,7 @@ def test_path_traversal_is_refused(ui):
     client, _, _, _ = ui
     for path in ("../../etc", "/etc", "subject/../../.."):  # the typed training-photo folder
         with pytest.raises(Exception, match="outside the allowed folder"):
-            client.predict(None, path, "a photo of sks dog", "dog", "demo", 2, api_name="/train")
+            train(client, folder=path)
     with pytest.raises(Exception, match="not in the list of choices"):  # the picker only offers listed files
         client.predict("../../etc/passwd", api_name="/choose_adapter")
 
@@ -309,14 +320,38 @@ def test_train_and_evaluate_fields_are_bounded_and_failed_starts_leave_no_folder
     runs = lambda: sorted((adapters / "runs").iterdir()) if (adapters / "runs").is_dir() else []  # noqa: E731
     before = runs()
     with pytest.raises(Exception, match="steps must be a whole number from 1 to 100000"):
-        client.predict(None, "subject", "a photo of sks dog", "dog", "demo", 1e9, api_name="/train")
+        train(client, steps=1e9)
     with pytest.raises(Exception, match="Upload 3-10 photos or give a folder"):
-        client.predict(None, "", "a photo of sks dog", "dog", "demo", 2, api_name="/train")
+        train(client, folder="")
     assert runs() == before
     with pytest.raises(Exception, match="images per prompt must be a whole number from 1 to 8"):
         client.predict("dog.safetensors", "eval_subject", "dog", "", 1e9, 2, True, api_name="/evaluate")
     with pytest.raises(Exception, match="steps must be a whole number from 1 to 150"):
         client.predict("dog.safetensors", "eval_subject", "dog", "", 1, -3, True, api_name="/evaluate")
+
+
+def test_train_tab_refuses_a_caption_without_its_image(ui, tmp_path):
+    from gradio_client import handle_file
+
+    client, _, adapters, _ = ui
+    runs = lambda: sorted((adapters / "runs").iterdir()) if (adapters / "runs").is_dir() else []  # noqa: E731
+    before = runs()
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    (tmp_path / "b.txt").write_text("a dog")
+    with pytest.raises(Exception, match=r"b\.txt names no uploaded image"):  # the .txt passed Gradio's file types
+        train(client, photos=[handle_file(str(tmp_path / "a.png")), handle_file(str(tmp_path / "b.txt"))], folder="")
+    assert runs() == before
+
+
+def test_train_tab_offers_every_adapter_and_the_runnable_optimizers(ui):
+    from singlora_diffusion.config import ADAPTERS
+    from singlora_diffusion.webui.jobs import offered_optimizers
+
+    _, app, _, _ = ui
+    dropdowns = {c["props"].get("elem_id"): [v for v, _ in c["props"]["choices"]]
+                 for c in app.config["components"] if c["type"] == "dropdown"}
+    assert dropdowns["train_adapter"] == list(ADAPTERS) and "loraplus" in dropdowns["train_adapter"]
+    assert dropdowns["train_optimizer"] == offered_optimizers()
 
 
 def test_folders_made_in_the_same_second_are_distinct(tmp_path):
@@ -339,11 +374,20 @@ def test_train_tab_class_sets_prompt_and_folder_for_every_preset(tmp_path):
     assert class_args("demo", "", tmp_path) == []  # the demo trains without class images
 
 
-def test_train_tab_trains_cancels_and_lists_the_adapter(ui, monkeypatch):
+def test_train_tab_trains_cancels_and_lists_the_adapter(ui, monkeypatch, tmp_path):
+    from gradio_client import handle_file
+
     client, app, adapters, root = ui
+    dog3 = Path(__file__).resolve().parents[1] / "singlora_diffusion/assets/dog3"
     subject = adapters / "subject"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "singlora_diffusion/assets/dog3", subject)
-    assert "Training in" in client.predict(None, "subject", "a photo of sks dog", "dog", "demo", 2, api_name="/train")
+    shutil.copytree(dog3, subject)
+    # the first run from uploaded photos and one caption, through Gradio's own upload
+    (tmp_path / "00.txt").write_text("a photo of sks dog on the grass")
+    uploads = [handle_file(str(p)) for p in sorted(dog3.glob("*.jpg"))] + [handle_file(str(tmp_path / "00.txt"))]
+    assert "(1 caption)" in train(client, photos=uploads, folder="")
+    run = max((adapters / "runs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert (run / "photos" / "00.txt").read_text() == "a photo of sks dog on the grass\n"
+    assert "--caption_extension" in app.app_state.job.args
     from singlora_diffusion.webui.handlers import list_adapters
 
     deadline = time.time() + 300
@@ -352,7 +396,7 @@ def test_train_tab_trains_cancels_and_lists_the_adapter(ui, monkeypatch):
         time.sleep(1)
     assert any(a.startswith("runs/") and a.endswith("singlora_weights.safetensors") for a in list_adapters(adapters))
     # cancelling a long run keeps a checkpoint
-    client.predict(None, "subject", "a photo of sks dog", "dog", "demo", 100000, api_name="/train")
+    train(client, steps=100000)
     run = max((adapters / "runs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
     while not (run / "progress.json").exists():
         assert time.time() < deadline

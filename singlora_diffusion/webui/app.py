@@ -83,21 +83,60 @@ def _generate_tab(gr, cb, one_line: dict) -> None:
 
 
 def _train_tab(gr, cb) -> None:
-    photos = gr.File(label="Subject photos (3-10)", file_count="multiple", file_types=["image"])
-    folder = gr.Textbox(label="...or a folder inside the adapters folder")
+    import dataclasses
+
+    from ..config import ADAPTERS
+    from .handlers import optimizer_note
+    from .jobs import offered_optimizers, trainer_default
+    from .requests import MAX_CAPTION_BYTES, TrainRequest
+
+    photos = gr.File(label=f"Subject photos (3-10), and captions if you like: a.txt (UTF-8, up to "
+                           f"{MAX_CAPTION_BYTES // 2**10} KB) describes a.jpg", file_count="multiple",
+                     file_types=["image", ".txt"])
+    folder = gr.Textbox(label="...or a folder inside the adapters folder (a.txt beside a.jpg is its caption)")
+    s = {}  # TrainRequest's fields -> their controls
     with gr.Row():
-        instance_prompt = gr.Textbox(label="Instance prompt", value="a photo of sks dog")
-        class_name = gr.Textbox(label="Class", value="dog")
-        preset = gr.Dropdown(["demo", "sd15", "sdxl", "paper"], value="demo", label="Preset")
-        train_steps = gr.Number(value=300, label="Steps", precision=0)
+        s["instance_prompt"] = gr.Textbox(label="Instance prompt", value="a photo of sks dog")
+        s["class_name"] = gr.Textbox(label="Class", value="dog")
+        s["preset"] = gr.Dropdown(["demo", "sd15", "sdxl", "paper"], value="demo", label="Preset")
+        s["steps"] = gr.Number(value=300, label="Steps", precision=0)
+    with gr.Row():
+        s["adapter"] = gr.Dropdown(list(ADAPTERS), value="singlora", label="Adapter to train",
+                                   elem_id="train_adapter")
+        s["loraplus_lr_ratio"] = gr.Number(value=trainer_default("loraplus_lr_ratio"), visible=False,
+                                           label="LoRA+ ratio: B's learning rate over A's")
+        s["optimizer"] = gr.Dropdown(offered_optimizers(), value="adamw", label="Optimizer",
+                                     elem_id="train_optimizer")
+        s["learning_rate"] = gr.Number(value=None, label="Learning rate (0: the preset's)")
+    note = gr.Markdown(optimizer_note())
+    with gr.Row():
+        s["enable_bucket"] = gr.Checkbox(label="Buckets: keep each photo's aspect ratio (no square crop)")
+        s["caption_dropout_rate"] = gr.Number(value=trainer_default("caption_dropout_rate"), minimum=0, maximum=1,
+                                              label="Caption dropout rate (share of steps on the empty prompt)")
+        s["use_ema"] = gr.Checkbox(label="EMA of the adapter weights (validation and the saved adapter use it)")
+    with gr.Accordion("Advanced: buckets and EMA (0: the trainer's defaults)", open=False):
+        with gr.Row():
+            s["min_bucket_reso"] = gr.Number(value=None, precision=0, label=(
+                f"Smallest bucket side (0: {trainer_default('min_bucket_reso')}, or the preset's resolution "
+                f"if smaller)"))
+            s["max_bucket_reso"] = gr.Number(value=None, precision=0,
+                                             label=f"Largest bucket side (0: {trainer_default('max_bucket_reso')})")
+            s["bucket_reso_steps"] = gr.Number(value=None, precision=0, label=(
+                f"Bucket sides are multiples of (0: {trainer_default('bucket_reso_steps')})"))
+            s["ema_decay"] = gr.Number(value=None, label=f"EMA decay (0: {trainer_default('ema_decay')})")
     with gr.Row():
         train_btn = gr.Button("Train", variant="primary")
         cancel_btn = gr.Button("Cancel")
     progress_bar = gr.HTML()
     progress = gr.Textbox(label="Progress", lines=3)
     latest = gr.Image(label="Latest validation image", type="filepath")
-    train_btn.click(cb.start_training, [photos, folder, instance_prompt, class_name, preset, train_steps],
-                    progress, api_name="train")
+    fields = [f.name for f in dataclasses.fields(TrainRequest)]
+    assert sorted(fields) == sorted(s), "every TrainRequest field needs its control"
+    # the API's order: photos, folder, then TrainRequest's fields (Callbacks.start_training builds it so)
+    train_btn.click(cb.start_training, [photos, folder, *(s[name] for name in fields)], progress, api_name="train")
+    s["adapter"].change(cb.adapter_changed, s["adapter"], s["loraplus_lr_ratio"], api_name=False)
+    s["optimizer"].change(cb.optimizer_changed, [s["optimizer"], s["learning_rate"]], [s["learning_rate"], note],
+                          api_name=False)
     cancel_btn.click(cb.cancel_training, None, progress, api_name="cancel_training")
     gr.Timer(1.0).tick(cb.training_status, None, [progress, progress_bar, latest], api_name="training_status",
                        queue=False)

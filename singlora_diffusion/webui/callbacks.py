@@ -15,7 +15,7 @@ import gradio as gr
 from ..errors import UserError
 from . import handlers
 from .handlers import AppState
-from .requests import GenerateRequest, scrub_paths
+from .requests import GenerateRequest, TrainRequest, scrub_paths
 
 
 def _shown(method):
@@ -83,8 +83,18 @@ class Callbacks:
         return random.randrange(2 ** 32)
 
     @_shown
-    def start_training(self, photos, folder, instance_prompt, class_name, preset, steps):
-        return handlers.start_training(self.state, photos, folder, instance_prompt, class_name, preset, steps)
+    def start_training(self, photos, folder, *settings):
+        """settings: the Train tab's fields in TrainRequest's order (app.py lays them out so)."""
+        return handlers.start_training(self.state, photos, folder, TrainRequest(*settings))
+
+    @staticmethod
+    def adapter_changed(adapter):
+        return gr.update(visible=adapter == "loraplus")  # the LoRA+ ratio field
+
+    @staticmethod
+    def optimizer_changed(optimizer, learning_rate):
+        learning_rate, note = handlers.optimizer_changed(optimizer, learning_rate)
+        return learning_rate, note or handlers.optimizer_note()
 
     def training_status(self):
         return handlers.training_status(self.state)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from ..files import write_text
 from .engine import MAX_REQUEST_SECONDS, Engine
-from .jobs import PRESETS, TrainingJob, class_args, thread_share, trainer_args
-from .requests import (MAX_IMAGES, MAX_STEPS, MAX_TRAIN_STEPS, BadRequest, GenerateRequest, confine, scrub_paths,
-                       unique_dir, whole)
+from .jobs import (PRESETS, PRODIGY_LR, TrainingJob, check_args, class_args, optimizer_problems, optimizers,
+                   thread_share, trainer_args)
+from .requests import (CAPTION_SUFFIX, MAX_IMAGES, MAX_STEPS, BadRequest, GenerateRequest, TrainRequest,
+                       captions_beside, confine, scrub_paths, split_upload, unique_dir, whole)
 
 
 @dataclass
@@ -136,29 +137,58 @@ def _training_folder(state: AppState, photos, folder: str) -> Path | None:
     return data
 
 
-def start_training(state: AppState, photos, folder: str, instance_prompt: str, class_name: str, preset: str,
-                   steps) -> str:
-    """Start a training run in a background process, in a run folder of its own under runs/."""
+def start_training(state: AppState, photos, folder: str, req: TrainRequest) -> str:
+    """Start a training run in a background process, in a run folder of its own under runs/.
+
+    Uploaded captions (a.txt for a.jpg) are saved beside their images and the run reads them
+    (--caption_extension .txt); so does a typed folder with captions beside its images.
+    """
     if state.training():
         raise BadRequest("A training run is already going; cancel it or wait.")
-    if not (instance_prompt or "").strip():
-        raise BadRequest("Give an instance prompt, e.g. 'a photo of sks dog'.")
-    if preset not in PRESETS:
+    if req.preset not in PRESETS:
         raise BadRequest(f"Pick a preset: {', '.join(PRESETS)}.")
-    steps = whole("steps", steps, 1, MAX_TRAIN_STEPS)
-    extra = class_args(preset, class_name, state.adapters_dir)
+    if req.optimizer not in optimizers():
+        raise BadRequest(f"Pick an optimizer: {', '.join(optimizers())} (got {req.optimizer!r}).")
+    if req.optimizer in optimizer_problems():
+        raise BadRequest(f"{optimizer_problems()[req.optimizer]}; pick another optimizer.")
+    extra = class_args(req.preset, req.class_name, state.adapters_dir)
     data = _training_folder(state, photos, folder)
+    if data is None:
+        images, captions = split_upload([_uploaded(f) for f in photos])
+        if not images:
+            raise BadRequest("Only captions were uploaded; upload the subject photos with them.")
+    else:
+        images, captions = None, captions_beside(data)
+    photo_dir = data or Path("photos")  # the run's own folder; its final path is known once the run folder is
+    check_args(trainer_args(req, photo_dir, bool(captions), extra))  # the trainer's own checks, before any folder
     # everything checked: only now a run folder exists
     run = unique_dir(state.adapters_dir / "runs", time.strftime("%Y%m%d-%H%M%S"))
     if data is None:
         data = run / "photos"
         data.mkdir()
-        for f in photos:
-            src = _uploaded(f)
+        for src in images:
             shutil.copyfile(src, data / src.name)
-    args = trainer_args(preset, data, instance_prompt.strip(), steps, extra)
-    state.job = TrainingJob(run, args, threads=state.trainer_threads)
-    return f"Training in {run.relative_to(state.adapters_dir)} ..."
+        for stem, text in captions.items():  # the checked text, as UTF-8, where the trainer looks: a.jpg -> a.txt
+            write_text(data / f"{stem}{CAPTION_SUFFIX}", text + "\n")
+    state.job = TrainingJob(run, trainer_args(req, data, bool(captions), extra), threads=state.trainer_threads)
+    return f"Training in {run.relative_to(state.adapters_dir)} ..." + (
+        f" ({len(captions)} caption{'s' * (len(captions) > 1)})" if captions else "")
+
+
+def optimizer_changed(optimizer: str, learning_rate) -> tuple[float | None, str]:
+    """(the learning-rate field, a note) when the optimizer dropdown changes."""
+    if optimizer == "prodigy":
+        return PRODIGY_LR, (f"Learning rate set to {PRODIGY_LR:g}: Prodigy estimates its step size itself, and "
+                            f"its learning rate only scales that estimate.")
+    if learning_rate == PRODIGY_LR:
+        return None, (f"Learning rate back to the preset's: {PRODIGY_LR:g} was Prodigy's multiplier, far too "
+                      f"large for {optimizer}.")
+    return learning_rate, ""
+
+
+def optimizer_note() -> str:
+    """What the optimizer dropdown leaves out on this machine, and why."""
+    return "; ".join(optimizer_problems().values())
 
 
 def training_status(state: AppState) -> tuple[str, str, str | None]:

@@ -15,10 +15,51 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import read_progress
-from .requests import BadRequest
+from .requests import CAPTION_SUFFIX, BadRequest, TrainRequest
 
 # Train-tab choice -> shipped preset (singlora_diffusion/configs/, package data)
 PRESETS = {"demo": "demo", "sd15": "sd15", "sdxl": "sdxl", "paper": "paper_sd15"}
+# Prodigy estimates its own step size; its learning rate is a multiplier on that estimate.
+PRODIGY_LR = 1.0
+
+
+def _field(name: str):
+    import dataclasses
+
+    from ..training import TrainConfig
+
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+def trainer_default(name: str):
+    """TrainConfig's default of one field: the Train tab shows the trainer's own values."""
+    return _field(name).default
+
+
+def optimizers() -> tuple[str, ...]:
+    """The trainer's --optimizer choices, as its config declares them."""
+    return tuple(_field("optimizer").metadata["choices"])
+
+
+def optimizer_problems() -> dict[str, str]:
+    """{optimizer: why it cannot run here} for the trainer's optimizers this machine lacks."""
+    import importlib.util
+
+    import torch
+
+    problems = {}
+    if not torch.cuda.is_available():
+        problems["adamw8bit"] = "adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit states); none is available here"
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        problems["adamw8bit"] = "adamw8bit needs bitsandbytes: pip install bitsandbytes"
+    if importlib.util.find_spec("prodigyopt") is None:
+        problems["prodigy"] = "prodigy needs prodigyopt: pip install prodigyopt"
+    return {name: problems[name] for name in optimizers() if name in problems}
+
+
+def offered_optimizers() -> list[str]:
+    problems = optimizer_problems()
+    return [name for name in optimizers() if name not in problems]
 
 
 def class_args(preset: str, class_name: str | None, adapters_dir: Path) -> list[str]:
@@ -39,10 +80,51 @@ def class_args(preset: str, class_name: str | None, adapters_dir: Path) -> list[
     return ["--class_prompt", f"a photo of {name}", "--class_data_dir", str(adapters_dir / "class_images" / slug)]
 
 
-def trainer_args(preset: str, data: Path, instance_prompt: str, steps: int, extra: list[str]) -> list[str]:
-    """The trainer's command line for a checked Train-tab request (TrainingJob adds --output_dir)."""
-    return ["--config", PRESETS[preset], "--instance_data_dir", str(data), "--instance_prompt", instance_prompt,
-            "--max_train_steps", str(steps), *extra]
+def trainer_args(req: TrainRequest, data: Path, captions: bool, extra: list[str]) -> list[str]:
+    """The trainer's command line for a checked Train-tab request (TrainingJob adds --output_dir).
+
+    Settings left blank are left out: the preset's YAML (or the trainer's default) fills them.
+    """
+    # --flag=value for the typed prompt: a prompt that starts with "-" must not read as a flag
+    args = ["--config", PRESETS[req.preset], "--instance_data_dir", str(data),
+            f"--instance_prompt={req.instance_prompt}", "--max_train_steps", str(req.steps), "--adapter", req.adapter,
+            "--optimizer", req.optimizer]
+    lr = req.learning_rate
+    if lr is None and req.optimizer == "prodigy":
+        lr = PRODIGY_LR  # the preset's learning rate is AdamW's (1e-3): as Prodigy's multiplier it would stall it
+    given = {"learning_rate": lr, "caption_dropout_rate": req.caption_dropout_rate or None}
+    if req.adapter == "loraplus":
+        given["loraplus_lr_ratio"] = req.loraplus_lr_ratio
+    if req.enable_bucket:
+        args.append("--enable_bucket")
+        given.update(min_bucket_reso=req.min_bucket_reso, max_bucket_reso=req.max_bucket_reso,
+                     bucket_reso_steps=req.bucket_reso_steps)
+        if req.min_bucket_reso is None:
+            given["min_bucket_reso"] = _small_preset_min_bucket(req)
+    if req.use_ema:
+        args.append("--use_ema")
+        given["ema_decay"] = req.ema_decay
+    if captions:
+        args += ["--caption_extension", CAPTION_SUFFIX]
+    for name, value in given.items():
+        if value is not None:
+            args += [f"--{name}", repr(value) if isinstance(value, float) else str(value)]  # repr: no digits lost
+    return [*args, *extra]
+
+
+def _small_preset_min_bucket(req: TrainRequest) -> int | None:
+    """The preset's resolution when the trainer's smallest bucket cannot hold it (the demo trains at 64 px)."""
+    from ..training import load_yaml
+
+    resolution = load_yaml(PRESETS[req.preset]).get("resolution", trainer_default("resolution"))
+    return resolution if resolution < trainer_default("min_bucket_reso") else None
+
+
+def check_args(args: list[str]):
+    """The TrainConfig the trainer will build from `args`: its checks run here, before a run folder exists."""
+    from ..training import parse_config
+
+    return parse_config(args)
 
 
 @dataclass
@@ -74,6 +156,7 @@ def threads_env(threads: int | None) -> dict[str, str]:
 class TrainingJob:
     def __init__(self, output_dir: Path, args: list[str], threads: int | None = None):
         self.output_dir = Path(output_dir)
+        self.args = args  # the trainer's command line, less --output_dir
         self.log = self.output_dir / "webui-train.log"
         self.output_dir.mkdir(parents=True, exist_ok=True)
         # The installed package's trainer, not a checkout's script: the UI runs from a wheel too.

@@ -6,10 +6,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config import ADAPTERS
 from ..errors import BadInput
 
 MAX_SIDE, MAX_IMAGES, MAX_STEPS = 2048, 8, 150
 MAX_TRAIN_STEPS = 100_000
+CAPTION_SUFFIX = ".txt"          # the Train tab's captions: a.txt beside a.jpg (the trainer's --caption_extension)
+MAX_CAPTION_BYTES = 64 * 2 ** 10  # a caption is a line or two; anything larger is the wrong file
 
 
 class BadRequest(BadInput):
@@ -62,6 +65,99 @@ class GenerateRequest:
 
     def metadata(self, **extra) -> str:
         return json.dumps({**asdict(self), **extra})
+
+
+@dataclass
+class TrainRequest:
+    """The Train tab's settings, checked as form fields; the trainer's TrainConfig checks them again as flags.
+
+    None or 0 in an optional number means "not given": the preset's (or the trainer's) value stands.
+    (The browser shows a blank number field as 0, so 0 must read as blank too; it is no learning
+    rate, bucket side or EMA decay anyone can mean.)
+    """
+    instance_prompt: str
+    class_name: str = ""
+    preset: str = "demo"
+    steps: int = 300
+    adapter: str = "singlora"
+    loraplus_lr_ratio: float | None = None
+    optimizer: str = "adamw"
+    learning_rate: float | None = None
+    enable_bucket: bool = False
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    bucket_reso_steps: int | None = None
+    caption_dropout_rate: float = 0.0
+    use_ema: bool = False
+    ema_decay: float | None = None
+
+    def __post_init__(self):
+        self.instance_prompt = (self.instance_prompt or "").strip()
+        if not self.instance_prompt:
+            raise BadRequest("Give an instance prompt, e.g. 'a photo of sks dog'.")
+        self.class_name = (self.class_name or "").strip()
+        self.steps = whole("steps", self.steps, 1, MAX_TRAIN_STEPS)
+        if self.adapter not in ADAPTERS:
+            raise BadRequest(f"Pick an adapter: {', '.join(ADAPTERS)} (got {self.adapter!r}).")
+        self.caption_dropout_rate = between("caption dropout rate", self.caption_dropout_rate or 0.0, 0, 1)
+        for name in ("learning_rate", "ema_decay", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+            if getattr(self, name) == 0:
+                setattr(self, name, None)
+        for name, low, high in (("learning_rate", 1e-12, 10), ("loraplus_lr_ratio", 1e-3, 1e3),
+                                ("ema_decay", 1e-6, 1 - 1e-9)):
+            if getattr(self, name) is not None:
+                setattr(self, name, between(name.replace("_", " "), getattr(self, name), low, high))
+        for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+            if getattr(self, name) is not None:
+                setattr(self, name, whole(name.replace("_", " "), getattr(self, name), 8, 8192))
+        self.enable_bucket, self.use_ema = bool(self.enable_bucket), bool(self.use_ema)
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: small, UTF-8 (a BOM is dropped), not empty; named in every refusal."""
+    if path.stat().st_size > MAX_CAPTION_BYTES:
+        raise BadRequest(f"{path.name} is {path.stat().st_size / 2**10:.0f} KB; a caption file may hold at most "
+                         f"{MAX_CAPTION_BYTES // 2**10} KB: give one short description per image.")
+    try:
+        text = path.read_bytes().decode("utf-8-sig").strip()  # utf-8-sig: Notepad's BOM is not part of the caption
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"{path.name} is not UTF-8 text (byte {e.start}); save the caption as UTF-8.") from None
+    if not text:
+        raise BadRequest(f"{path.name} is empty; write the image's caption in it or leave the file out.")
+    return text
+
+
+def split_upload(files: list[Path]) -> tuple[list[Path], dict[str, str]]:
+    """(the images, {image stem: caption}) of the Train tab's upload, every caption checked.
+
+    A caption goes with the image of the same stem (a.jpg + a.txt): one whose stem names
+    no uploaded image is refused, as is a name uploaded twice (one would overwrite the other).
+    """
+    seen: set[str] = set()
+    for f in files:
+        if f.name in seen:
+            raise BadRequest(f"Two uploaded files are named {f.name}; rename one.")
+        seen.add(f.name)
+    images = [f for f in files if f.suffix.lower() != CAPTION_SUFFIX]
+    stems = {f.stem for f in images}
+    captions = {}
+    for f in files:
+        if f.suffix.lower() == CAPTION_SUFFIX:
+            if f.stem not in stems:
+                raise BadRequest(f"{f.name} names no uploaded image: a caption goes with the image of the same "
+                                 f"name ({f.stem}.jpg + {f.stem}{CAPTION_SUFFIX}); upload that image or rename it.")
+            captions[f.stem] = read_caption(f)
+    return images, captions
+
+
+def captions_beside(folder: Path) -> dict[str, str]:
+    """{image stem: caption} of a typed training folder's .txt files that sit beside an image, checked.
+
+    A .txt that matches no file is left alone here (a folder may hold notes); the trainer never reads it.
+    """
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    stems = {p.stem for p in files if p.suffix.lower() != CAPTION_SUFFIX}
+    return {p.stem: read_caption(p) for p in sorted(files) if p.suffix == CAPTION_SUFFIX and p.stem in stems}
 
 
 def confine(root: str | Path, user_path: str) -> Path:
