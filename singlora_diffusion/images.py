@@ -104,3 +104,19 @@ def load_image(path) -> Image.Image:
     if "A" in image.getbands() or "transparency" in image.info:  # RGBA, LA, PA, P or L with tRNS
         return _onto_white(image)
     return image.convert("RGB")  # CMYK, L, 1, P, YCbCr: Pillow's own conversions are correct
+
+
+def read_caption(path: str | Path, shown: str | None = None) -> str:
+    """A caption file's text, whitespace runs as single spaces; BadInput naming it (`shown`, else its
+    path) when it is not UTF-8 or is empty. The trainer and the web UI's upload share this rule."""
+    path = Path(path)
+    name = shown or str(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM from Windows editors is not part of the caption
+    except UnicodeDecodeError as e:
+        raise BadInput(f"caption {name} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    text = " ".join(text.split())
+    if not text:
+        raise BadInput(f"caption {name} is empty; write the image's caption in it, or delete the file to train "
+                       f"that image on the instance prompt")
+    return text

@@ -155,14 +155,14 @@ def test_a_typed_folder_with_captions_trains_on_them(train_state, tmp_path):
     handlers.start_training(train_state, None, "subject", TrainRequest("a photo of sks dog", steps=3))
     assert trainer_config(Recorder.started[1]).caption_extension == ".txt"
     (data / "b.txt").write_bytes(b"\xff\xfe")
-    with pytest.raises(BadRequest, match=r"^b\.txt is not UTF-8 text"):
+    with pytest.raises(BadRequest, match=r"^caption b\.txt is not UTF-8 text"):
         handlers.start_training(train_state, None, "subject", TrainRequest("a photo of sks dog", steps=3))
 
 
 @pytest.mark.parametrize("files,message", [
     ({"a.png": "red", "b.txt": b"a dog"}, r"^b\.txt names no uploaded image: .*\(b\.jpg \+ b\.txt\)"),
-    ({"a.png": "red", "a.txt": b"\xff\xfe\x00d"}, r"^a\.txt is not UTF-8 text"),
-    ({"a.png": "red", "a.txt": b" \n\t"}, r"^a\.txt is empty"),
+    ({"a.png": "red", "a.txt": b"\xff\xfe\x00d"}, r"^caption a\.txt is not UTF-8 text"),
+    ({"a.png": "red", "a.txt": b" \n\t"}, r"^caption a\.txt is empty"),
     ({"a.png": "red", "a.txt": b"x" * (64 * 1024 + 1)}, r"^a\.txt is 64 KB; a caption file may hold at most 64 KB"),
     ({"a.txt": b"a dog"}, "names no uploaded image"),
 ])

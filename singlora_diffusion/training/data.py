@@ -99,19 +99,11 @@ def nearest_bucket(image_size: Size, buckets: list[Size]) -> Size:
 
 
 def read_caption(image: Path, extension: str) -> str | None:
-    """The caption beside `image` (photo.jpg -> photo.txt for ".txt"), stripped; None without one."""
+    """The caption beside `image` (photo.jpg -> photo.txt for ".txt"); None without one."""
+    from ..images import read_caption as read_caption_file
+
     path = Path(image).with_suffix(extension)
-    if not path.is_file():
-        return None
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # a BOM from Windows editors is not part of the caption
-    except UnicodeDecodeError as e:
-        raise BadInput(f"caption {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    text = " ".join(text.split())
-    if not text:
-        raise BadInput(f"caption {path} is empty; write the caption, or delete the file to train that image on "
-                       f"the instance prompt")
-    return text
+    return read_caption_file(path) if path.is_file() else None
 
 
 def upright_size(path: Path) -> Size:

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import images
 from ..config import ADAPTERS
 from ..errors import BadInput
 
@@ -119,12 +120,9 @@ def read_caption(path: Path) -> str:
         raise BadRequest(f"{path.name} is {path.stat().st_size / 2**10:.0f} KB; a caption file may hold at most "
                          f"{MAX_CAPTION_BYTES // 2**10} KB: give one short description per image.")
     try:
-        text = path.read_bytes().decode("utf-8-sig").strip()  # utf-8-sig: Notepad's BOM is not part of the caption
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"{path.name} is not UTF-8 text (byte {e.start}); save the caption as UTF-8.") from None
-    if not text:
-        raise BadRequest(f"{path.name} is empty; write the image's caption in it or leave the file out.")
-    return text
+        return images.read_caption(path, shown=path.name)  # the trainer's rule: UTF-8, not empty
+    except BadInput as e:
+        raise BadRequest(str(e)) from None
 
 
 def split_upload(files: list[Path]) -> tuple[list[Path], dict[str, str]]:
