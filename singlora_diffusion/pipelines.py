@@ -229,7 +229,8 @@ def _load_single_file(checkpoint, dtype: torch.dtype, vae_fp32_if_upcast: bool):
         return getattr(diffusers, checkpoint.pipeline_class).from_single_file(
             str(checkpoint.path), torch_dtype=dtype, **where, **components)
     except (ValueError, KeyError, RuntimeError) as e:  # diffusers' converters on weights that do not fit
-        # diffusers' first sentence names the tensor and both shapes; its advice (ignore_mismatched_sizes) does not apply
+        # diffusers' first sentence names the tensor and both shapes; its advice after it
+        # (ignore_mismatched_sizes) does not apply here
         reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"{checkpoint.path}: its weights do not fit the {checkpoint.describe()} ({reason}); "
                        f"pass a full, unmodified SD1.x / SD2.x / SDXL checkpoint") from e

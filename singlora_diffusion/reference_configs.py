@@ -82,7 +82,8 @@ SCHEDULER_CONFIGS = {
                                             num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
                                             interpolation_type="linear", use_karras_sigmas=False)),
 }
-SCHEDULER_CONFIGS["sd2-base"] = (SCHEDULER_CONFIGS["sd21"][0], dict(SCHEDULER_CONFIGS["sd21"][1], prediction_type="epsilon"))
+SCHEDULER_CONFIGS["sd2-base"] = (SCHEDULER_CONFIGS["sd21"][0],
+                                 dict(SCHEDULER_CONFIGS["sd21"][1], prediction_type="epsilon"))
 
 PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sd21": "StableDiffusionPipeline",
                     "sd2-base": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}

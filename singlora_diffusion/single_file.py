@@ -58,7 +58,7 @@ ARCH_PARTS = {"sd15": (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX["sd"]),
               "sdxl": (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX["sdxl"], OPEN_CLIP_PREFIX)}
 ARCH_NAMES = {"sd15": "SD1.x", "sd21": "SD2.x (v-prediction, 768 px)", "sd2-base": "SD2.x base (epsilon, 512 px)",
               "sdxl": "SDXL base"}
-# diffusers' infer_diffusers_model_type names -> ours; SD2.x is sd21 unless the file says otherwise (_sd2)
+# diffusers' infer_diffusers_model_type names -> ours; SD2.x is sd21 unless its global_step says sd2-base
 _DIFFUSERS_TYPES = {"v1": "sd15", "v2": "sd21", "xl_base": "sdxl"}
 _UNSUPPORTED = {"xl_refiner": "an SDXL refiner", "xl_inpaint": "an SDXL inpainting model",
                 "inpainting": "an SD1.x inpainting model (9 input channels)",

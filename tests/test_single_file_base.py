@@ -8,6 +8,7 @@ tested at real size on random:sd15 and, for every architecture, on header-only f
 shapes are those of the real checkpoints.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from singlora_diffusion.single_file import CONFIGS_KEY, read_checkpoint, write_c
 from .helpers import adapted_pipeline
 from .train_helpers import tiny_config
 
+USER_CACHE = os.environ.get("SINGLORA_CACHE")  # where random:sd15 is built once, for every test file
 COMPONENTS = {"sd15": ("unet", "vae", "text_encoder"), "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2")}
 
 
@@ -60,8 +62,13 @@ def assert_same_pipeline(loaded, reference, arch):
         assert set(got) == set(want), name
         for key, value in want.items():
             assert got[key].dtype == value.dtype and torch.equal(got[key], value), f"{name}.{key}"
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
-    assert public(loaded.scheduler.config) == public(reference.scheduler.config)
+    public = lambda config: {k: v for k, v in dict(config).items() if not k.startswith("_")}  # noqa: E731
+    for name in ("unet", "vae", "scheduler"):  # a wrong scaling_factor or prediction_type loads fine, and trains wrong
+        assert public(getattr(loaded, name).config) == public(getattr(reference, name).config), name
+    for name in COMPONENTS[arch][2:]:
+        text = [{k: v for k, v in getattr(p, name).config.to_dict().items()
+                 if k not in ("dtype", "transformers_version")} for p in (loaded, reference)]
+        assert public(text[0]) == public(text[1]), name
     for name in ("tokenizer", "tokenizer_2")[:len(COMPONENTS[arch]) - 2]:
         ids = [getattr(p, name)("a photo of sks dog", padding="max_length").input_ids for p in (loaded, reference)]
         assert ids[0] == ids[1] and len(ids[0]) == 77, name
@@ -112,7 +119,9 @@ def test_real_size_sd15_file_loads_through_the_reference_configs(tmp_path):
 
     from singlora_diffusion.single_file import original_state_dict
 
-    folder = resolve_base("random:sd15")
+    with pytest.MonkeyPatch.context() as m:  # the shared random:sd15 (2 GB), not one built for this module
+        m.delenv("SINGLORA_CACHE") if USER_CACHE is None else m.setenv("SINGLORA_CACHE", USER_CACHE)
+        folder = resolve_base("random:sd15")
     reference = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)
     path = tmp_path / "v1-5-random.safetensors"
     save_file(original_state_dict({c: getattr(reference, c) for c in COMPONENTS["sd15"]}, "sd"), str(path))
@@ -243,11 +252,12 @@ def bad_bases(checkpoint, tiny_pipeline_dir, root):
     (root / "notes.safetensors").write_text("my notes")
     (root / "truncated.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     (root / "model.ckpt").write_bytes(b"\x80\x02}q\x00.")  # a pickle: never opened
-    save_file({k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")}, str(root / "no_vae.safetensors"),
-              metadata={"format": "pt"})
+    save_file({k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")},
+              str(root / "no_vae.safetensors"), metadata={"format": "pt"})
     save_file(tensors, str(root / "bad_meta.safetensors"), metadata={CONFIGS_KEY: "{not json"})
-    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in real_keys("sdxl").items()
-               if not k.startswith("conditioner.embedders.0.")}
+    # the refiner: SDXL's OpenCLIP-bigG alone, as the first embedder
+    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v
+               for k, v in real_keys("sdxl").items() if not k.startswith("conditioner.embedders.0.")}
     inpainting = {**real_keys("sd15"), "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}
     return {
         "missing": (root / "missing.safetensors", "no such file", NotFound),
