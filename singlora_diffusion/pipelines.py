@@ -102,8 +102,14 @@ def _test_pipeline(name: str):
     return kind, arch, save
 
 
+def cache_folder() -> Path:
+    """Where built test pipelines and single-file config folders live (SINGLORA_CACHE)."""
+    return Path(os.environ.get("SINGLORA_CACHE", Path.home() / ".cache" / "singlora_diffusion"))
+
+
 def resolve_base(name: str | os.PathLike) -> str:
-    """Offline test pipelines built once under the cache folder; any other name as given.
+    """Offline test pipelines built once under the cache folder; any other name (a hub id, a
+    diffusers folder, a single-file checkpoint) as given.
 
     tiny:sd15 / tiny:sdxl: ~10M parameters at 64 px; random:sd15 / random:sdxl: the real
     component configs at full size (2 GB / 7 GB in fp16), random weights.
@@ -112,8 +118,7 @@ def resolve_base(name: str | os.PathLike) -> str:
     if test is None:
         return str(name)
     kind, arch, save = test
-    cache = Path(os.environ.get("SINGLORA_CACHE", Path.home() / ".cache" / "singlora_diffusion"))
-    return str(save_pipeline_once(cache / f"{kind}-{arch}", lambda tmp: save(tmp, arch)))
+    return str(save_pipeline_once(cache_folder() / f"{kind}-{arch}", lambda tmp: save(tmp, arch)))
 
 
 def save_pipeline_once(folder: Path, save) -> Path:
@@ -133,9 +138,15 @@ def save_pipeline_once(folder: Path, save) -> Path:
 
 
 def check_base_exists(base: str | os.PathLike) -> None:
-    """Fail fast, before anything heavy, when `base` is neither a folder nor a cached hub id."""
+    """Fail fast, before anything heavy, when `base` is neither a folder, a cached hub id nor an
+    SD checkpoint file (whose header alone is read: single_file.read_checkpoint)."""
+    from .single_file import is_single_file, read_checkpoint
+
     if _test_pipeline(base) is not None:
         return  # built on first use
+    if is_single_file(base):
+        read_checkpoint(base)
+        return
     path = Path(base)
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -164,8 +175,8 @@ def inference_dtype(device: str | torch.device) -> torch.dtype:
 
 def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None,
                   vae_fp32_if_upcast: bool = False):
-    """A diffusers text-to-image pipeline from a hub id, a local folder or a test name (tiny:sd15),
-    its weights in `dtype`.
+    """A diffusers text-to-image pipeline from a hub id, a local folder, a single-file checkpoint
+    (A1111 / Civitai .safetensors; _load_single_file) or a test name (tiny:sd15), its weights in `dtype`.
 
     The dtype is always given to diffusers: without it an fp16 folder (the hub's fp16 variants,
     `singlora merge --save_precision fp16`) loads its text encoders in fp16 (transformers'
@@ -176,7 +187,13 @@ def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, d
     """
     from diffusers import DiffusionPipeline
 
+    from .single_file import is_single_file, read_checkpoint
+
     check_base_exists(base)
+    if is_single_file(base):
+        pipe = _load_single_file(read_checkpoint(base), dtype, vae_fp32_if_upcast)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device) if device else pipe
     base = resolve_base(base)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype)
@@ -190,3 +207,30 @@ def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, d
         raise BadInput(f"{base} is a {type(pipe).__name__}; SingLoRA supports UNet pipelines (SD1.x/2.x, SDXL)")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device else pipe
+
+
+def _load_single_file(checkpoint, dtype: torch.dtype, vae_fp32_if_upcast: bool):
+    """diffusers' from_single_file, offline: its `config=` is a folder built once under the cache
+    from the checkpoint's configs (single_file.write_config_folder), so it never asks the hub."""
+    import diffusers
+
+    from .single_file import vae_state_dict, write_config_folder
+
+    folder = save_pipeline_once(cache_folder() / "single-file-configs" / checkpoint.config_id,
+                                lambda tmp: write_config_folder(tmp, checkpoint.configs))
+    where = dict(config=str(folder), local_files_only=True)
+    components = {}
+    try:
+        if vae_fp32_if_upcast and dtype == torch.float16 and checkpoint.configs["vae"].get("force_upcast", True):
+            # as load_pipeline does for folders; built from the VAE's tensors alone, passed in so
+            # the pipeline does not build an fp16 one first
+            components["vae"] = diffusers.AutoencoderKL.from_single_file(
+                vae_state_dict(checkpoint.path), subfolder="vae", torch_dtype=torch.float32, **where)
+        return getattr(diffusers, checkpoint.pipeline_class).from_single_file(
+            str(checkpoint.path), torch_dtype=dtype, **where, **components)
+    except (ValueError, KeyError, RuntimeError) as e:  # diffusers' converters on weights that do not fit
+        # diffusers' first sentence names the tensor and both shapes; its advice after it
+        # (ignore_mismatched_sizes) does not apply here
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"{checkpoint.path}: its weights do not fit the {checkpoint.describe()} ({reason}); "
+                       f"pass a full, unmodified SD1.x / SD2.x / SDXL checkpoint") from e

@@ -1,5 +1,8 @@
 """The original (LDM / sgm) single-file layout of SD1.x and SDXL: the checkpoint A1111, Forge
 and ComfyUI's checkpoint loader open, and the text-encoder layout their diffusers loaders read.
+Written here (`save_single_file`, for `merge --single_file`); read as a base (SD1.x, SD2.x, SDXL)
+by `read_checkpoint` + `write_config_folder`, which pipelines.load_pipeline hands to diffusers'
+from_single_file.
 
     diffusers pipeline                      one .safetensors checkpoint
     unet.down_blocks.1.resnets.0.conv1  ──► model.diffusion_model.input_blocks.4.0.in_layers.2
@@ -15,22 +18,54 @@ convert_ldm_clip_checkpoint, convert_open_clip_checkpoint); the fixed names come
 DIFFUSERS_TO_LDM_MAPPING. `original_state_dict` runs those converters on its own result and
 refuses to return anything they would not turn back into exactly the pipeline's weights, so a
 mapping mistake fails loudly instead of writing a checkpoint that loads wrong.
+
+Reading a checkpoint as a base needs the component configs, which an A1111 file does not hold:
+diffusers would fetch them from the hub. They come from the file's own `singlora_pipeline_configs`
+metadata when `save_single_file` wrote it (so a tiny test pipeline's file loads at its own
+shapes), else from reference_configs for the architecture detected from the keys (diffusers'
+infer_diffusers_model_type, on shapes read from the header alone).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import BadInput
+from .errors import BadInput, NotFound
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = {"sd": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+OPEN_CLIP_H_PREFIX = "cond_stage_model.model."  # SD2.x's text encoder, read by diffusers (not written here)
 TEXT_MODEL = "text_model."
+CONFIGS_KEY = "singlora_pipeline_configs"  # metadata: the pipeline's configs as JSON (configs_of)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+# The weights a base checkpoint of each architecture holds, by key prefix, and what they are.
+_PARTS = {UNET_PREFIX: "UNet", VAE_PREFIX: "VAE", CLIP_PREFIX["sd"]: "CLIP text encoder",
+          OPEN_CLIP_H_PREFIX: "OpenCLIP-H text encoder", CLIP_PREFIX["sdxl"]: "CLIP-L text encoder",
+          OPEN_CLIP_PREFIX: "OpenCLIP-bigG text encoder"}
+ARCH_PARTS = {"sd15": (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX["sd"]),
+              "sd21": (UNET_PREFIX, VAE_PREFIX, OPEN_CLIP_H_PREFIX),
+              "sd2-base": (UNET_PREFIX, VAE_PREFIX, OPEN_CLIP_H_PREFIX),
+              "sdxl": (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX["sdxl"], OPEN_CLIP_PREFIX)}
+ARCH_NAMES = {"sd15": "SD1.x", "sd21": "SD2.x (v-prediction, 768 px)", "sd2-base": "SD2.x base (epsilon, 512 px)",
+              "sdxl": "SDXL base"}
+# diffusers' infer_diffusers_model_type names -> ours; SD2.x is sd21 unless its global_step says sd2-base
+_DIFFUSERS_TYPES = {"v1": "sd15", "v2": "sd21", "xl_base": "sdxl"}
+_UNSUPPORTED = {"xl_refiner": "an SDXL refiner", "xl_inpaint": "an SDXL inpainting model",
+                "inpainting": "an SD1.x inpainting model (9 input channels)",
+                "inpainting_v2": "an SD2.x inpainting model (9 input channels)",
+                "playground-v2-5": "a Playground v2.5 model (EDM)", "upscale": "the SD x4 upscaler"}
+# diffusers' legacy rule: SD2.0-base (epsilon, 512 px) is the SD2 checkpoint saved at this step
+_SD2_BASE_STEP = 875000
 
 # diffusers ResnetBlock2D names → LDM ResBlock names (the inverse of update_unet_resnet_ldm_to_diffusers).
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
@@ -168,6 +203,8 @@ def save_single_file(pipe, out_file: str | os.PathLike, metadata: dict[str, str]
     """Write the pipeline's UNet, VAE and text encoders as one checkpoint, atomically.
 
     The weights are written in their current dtype (the caller loads the base in the one it wants).
+    The pipeline's configs go in the metadata (CONFIGS_KEY), so read_checkpoint loads the file at
+    its own shapes; A1111 and ComfyUI ignore the key.
     """
     from safetensors.torch import save_file
 
@@ -180,7 +217,8 @@ def save_single_file(pipe, out_file: str | os.PathLike, metadata: dict[str, str]
     out_file = Path(out_file)
     try:
         with atomic_path(out_file) as tmp:  # a failed write leaves an earlier file of that name as it was
-            save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+            save_file(tensors, str(tmp), metadata={"format": "pt", CONFIGS_KEY: json.dumps(configs_of(pipe)),
+                                                   **(metadata or {})})
     except OSError as e:
         raise WriteError(f"could not write {out_file} ({e.strerror or e}); nothing at {out_file} was changed") from None
     return out_file
@@ -241,3 +279,186 @@ def check_round_trip(original: dict[str, torch.Tensor], components: dict[str, to
             # a model on the meta device (a layout check without weights) has shapes but no values
             if got[key].shape != value.shape or not (value.is_meta or torch.equal(got[key], value)):
                 raise RuntimeError(f"single-file layout of {component}: {key} does not round-trip")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a checkpoint as a base
+
+_LOADABLE = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def configs_of(pipe) -> dict[str, dict]:
+    """The pipeline's configs in reference_configs.pipeline_configs' form (what save_single_file records).
+
+    Only what a single file can rebuild is listed in model_index: a safety checker or feature
+    extractor of the base has no weights in the file.
+    """
+    model_index = json.loads(pipe.to_json_string())
+    for name, value in model_index.items():
+        if isinstance(value, list) and len(value) == 2 and name not in _LOADABLE:
+            model_index[name] = [None, None]
+    if "requires_safety_checker" in model_index:
+        model_index["requires_safety_checker"] = False
+    out = {"model_index": model_index}
+    for name in ("unet", "vae", "scheduler"):
+        out[name] = json.loads(getattr(pipe, name).to_json_string())
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            out[name] = json.loads(getattr(pipe, name).config.to_json_string())
+    for name in ("tokenizer", "tokenizer_2"):
+        if (tokenizer := getattr(pipe, name, None)) is not None:
+            out[name] = {"pad_token": str(tokenizer.pad_token), "model_max_length": int(tokenizer.model_max_length)}
+    return out
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A base checkpoint file, read from its header: what it is and the configs it loads with."""
+    path: Path
+    arch: str                 # a key of ARCH_PARTS
+    configs: dict[str, dict]  # reference_configs.pipeline_configs' form
+    recorded: bool            # configs from the file's metadata (save_single_file), else the reference ones
+
+    @property
+    def pipeline_class(self) -> str:
+        return self.configs["model_index"]["_class_name"]
+
+    @property
+    def config_id(self) -> str:
+        """A folder name for these configs: the same configs share one folder."""
+        digest = hashlib.sha256(json.dumps(self.configs, sort_keys=True).encode()).hexdigest()[:16]
+        return f"{self.arch}-{'recorded' if self.recorded else 'reference'}-{digest}"
+
+    def describe(self) -> str:
+        return f"{ARCH_NAMES[self.arch]}, {'configs from its metadata' if self.recorded else 'reference configs'}"
+
+
+def is_single_file(base: str | os.PathLike) -> bool:
+    """Whether `base` names a checkpoint file (an existing file, or a name with a checkpoint suffix)
+    rather than a folder, a hub id or a test pipeline."""
+    path = Path(base)
+    return path.is_file() or (not path.is_dir() and path.suffix.lower() in CHECKPOINT_SUFFIXES)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint's header (no weights) and say what it is; refuse, in one line naming
+    the file, what is not an SD1.x / SD2.x / SDXL base checkpoint in .safetensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"base model {path}: no such file")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise BadInput(f"{path}: a pickled checkpoint ({path.suffix}) is not loaded, since unpickling can run code "
+                       f"hidden in it; use the model's .safetensors release, or convert it once where you trust it "
+                       f"(diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py writes a folder "
+                       f"this accepts)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            step = f.get_tensor("global_step").flatten()[0].item() if "global_step" in shapes else None
+    except Exception as e:  # safetensors' own error: not safetensors, a truncated file, a bad header
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInput(f"{path} is not a readable .safetensors checkpoint ({reason}); pass an SD1.x / SD2.x / "
+                       f"SDXL .safetensors checkpoint, a diffusers folder or a hub id") from None
+    if not any(k.startswith(UNET_PREFIX) for k in shapes):
+        raise BadInput(f"{path} is {_what_else(shapes, metadata)}, not a base checkpoint (no {UNET_PREFIX}* "
+                       f"weights); pass an SD1.x / SD2.x / SDXL .safetensors checkpoint, a diffusers folder "
+                       f"or a hub id")
+    if CONFIGS_KEY in metadata:
+        checkpoint = _recorded(path, metadata[CONFIGS_KEY])
+    else:
+        checkpoint = _detected(path, shapes, step)
+    missing = [p for p in ARCH_PARTS[checkpoint.arch] if not any(k.startswith(p) for k in shapes)]
+    if missing:
+        raise BadInput(f"{path}: an {ARCH_NAMES[checkpoint.arch]} checkpoint without its {_PARTS[missing[0]]} "
+                       f"({missing[0]}* weights); pass a full checkpoint (UNet, VAE and text encoders)")
+    return checkpoint
+
+
+def _what_else(shapes: dict[str, tuple], metadata: dict[str, str]) -> str:
+    """What a file without UNet weights probably is, for the refusal."""
+    from .format import FORMAT
+
+    if metadata.get("format") == FORMAT or any(k.endswith(".singlora_A") for k in shapes):
+        return "a SingLoRA adapter file"
+    if any(re.search(r"\.(lora_(up|down|A|B)|lora\.(up|down))[.]", k + ".") for k in shapes):
+        return "a LoRA file"
+    if any(k.startswith(("down_blocks.", "encoder.", "text_model.", "embeddings.")) for k in shapes):
+        return "one diffusers component's weights (pass the pipeline folder that holds it)"
+    return f"a .safetensors file of {len(shapes)} tensors of no SD checkpoint layout"
+
+
+def _recorded(path: Path, text: str) -> Checkpoint:
+    try:
+        configs = json.loads(text)
+        cls = configs["model_index"]["_class_name"]
+    except (ValueError, KeyError, TypeError):
+        raise BadInput(f"{path}: its {CONFIGS_KEY} metadata is not the JSON save_single_file writes; "
+                       f"remove the key (the reference configs are then used) or write the file again") from None
+    archs = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+    if cls not in archs:
+        raise BadInput(f"{path} holds a {cls}; SD1.x / SD2.x / SDXL text-to-image checkpoints are supported")
+    return Checkpoint(path, archs[cls], configs, recorded=True)
+
+
+def _detected(path: Path, shapes: dict[str, tuple], step) -> Checkpoint:
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from .reference_configs import pipeline_configs
+
+    class Header(dict):  # what infer_diffusers_model_type reads of a tensor: `key in`, `.shape`
+        def __getitem__(self, key):
+            return _Shape(dict.__getitem__(self, key))
+
+    try:
+        model_type = infer_diffusers_model_type(Header(shapes))
+    except (KeyError, IndexError, TypeError, AttributeError):  # a branch for some other model family
+        model_type = "unknown"
+    if model_type not in _DIFFUSERS_TYPES:
+        what = _UNSUPPORTED.get(model_type, f"a {model_type!r} checkpoint (diffusers' name for it)")
+        raise BadInput(f"{path} is {what}; SingLoRA bases are SD1.x, SD2.x and SDXL base text-to-image "
+                       f"checkpoints")
+    arch = _DIFFUSERS_TYPES[model_type]
+    if arch == "sd21" and step == _SD2_BASE_STEP:
+        arch = "sd2-base"
+    return Checkpoint(path, arch, pipeline_configs(arch), recorded=False)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple
+
+
+def write_config_folder(folder: str | os.PathLike, configs: dict[str, dict]) -> Path:
+    """A diffusers folder without weights (model_index.json, each component's config, the
+    tokenizers): the `config=` of from_single_file, so nothing is fetched from the hub.
+
+    Every SD tokenizer is CLIP's BPE vocabulary (tiny.clip_tokenizer, offline); the configs give
+    each its pad token and length.
+    """
+    from .tiny import clip_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, config in configs.items():
+        if name == "model_index":
+            (folder / "model_index.json").write_text(json.dumps(config, indent=2))
+        elif name.startswith("tokenizer"):
+            tokenizer = clip_tokenizer()
+            tokenizer.pad_token, tokenizer.model_max_length = config["pad_token"], config["model_max_length"]
+            tokenizer.save_pretrained(str(folder / name))
+        else:
+            (folder / name).mkdir(exist_ok=True)
+            file = "scheduler_config.json" if name == "scheduler" else "config.json"
+            (folder / name / file).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def vae_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The checkpoint's VAE tensors alone (first_stage_model.*), read without the rest."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(VAE_PREFIX)}

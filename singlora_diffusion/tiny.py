@@ -153,7 +153,7 @@ def build_random_pipeline(arch: str = "sd15", seed: int = 0, dtype: torch.dtype 
 
     from .reference_configs import CLIP_BIGG, CLIP_L, SCHEDULER_CONFIGS, UNET_CONFIGS, VAE_CONFIGS
 
-    if arch not in UNET_CONFIGS:
+    if arch not in ("sd15", "sdxl"):  # UNET_CONFIGS also has SD2.x, whose text encoder is not built here
         raise BadInput(f"unknown random pipeline arch {arch!r}: choose sd15 or sdxl")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # weights are created (and randomly initialised) in dtype directly
