@@ -16,8 +16,6 @@ from singlora_diffusion.training.checkpoint import CheckpointError, SettingsMism
 
 from .train_helpers import logged_scalars, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def A_of(folder) -> dict:
     return load_file(str(Path(folder) / "singlora_weights.safetensors"))
@@ -211,7 +209,7 @@ def test_loraplus_writes_what_lora_writes(tiny_pipeline_dir, tmp_path):
 # -- bad input, before any model loads -----------------------------------------------------------
 
 def _argv(base, out, *extra):
-    return ["--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(ROOT / "singlora_diffusion/assets/dog3"),
+    return ["--pretrained_model_name_or_path", str(base), "--instance_data_dir", "bundled:dog3",
             "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), *extra]
 
 
