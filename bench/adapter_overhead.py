@@ -27,7 +27,9 @@ import time
 import torch
 from torch.nn import functional as F
 
-METHODS = ("lora", "singlora", "dora")  # LoRA first: it is the reference of every ratio
+# LoRA first: it is the reference of every ratio. No LoRA+ row: its layers are LoRA's, and its
+# optimizer (B's group at another lr) costs what LoRA's does; bench/trainer_throughput.py times it.
+METHODS = ("lora", "singlora", "dora")
 PRELOAD = ["torch", "diffusers", "peft", "singlora_diffusion"]  # imported once by the fork server
 GOALS = {"time": 1.00, "saved": 1.00, "rss": 1.00, "params": 0.50}
 

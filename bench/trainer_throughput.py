@@ -7,7 +7,8 @@
 Base: the tiny SD1.5 pipeline with an SD-architecture UNet of 17.6M parameters and a 4-block
 VAE (256 px -> 32x32 latents), random weights, saved once as a local folder; fp32, CPU.
 Ours: --adapter lora / singlora (preset attn, rank 8), latent and prompt caching on (default)
-and off; batch 1, center crop, no validation, no tracker, no checkpoint in the timed steps.
+and off, and --adapter loraplus without caching (its step should cost lora's); batch 1, center
+crop, no validation, no tracker, no checkpoint in the timed steps.
 singlora+buckets+captions: the same photos cut to three aspect ratios, --enable_bucket
 (resolution/2 .. 2 x resolution) and a caption file per photo, caching on and off.
 PATH: a copy of diffusers' examples/dreambooth/train_dreambooth_lora.py (not in the wheel), run
@@ -39,6 +40,7 @@ NO_CACHE = ["--cache_latents", "false", "--cache_text_embeddings", "false"]
 CONFIGS = {
     "lora": ("ours", ["--adapter", "lora", *NO_CACHE], "-"),
     "lora+cache": ("ours", ["--adapter", "lora"], "latents, prompt"),
+    "loraplus": ("ours", ["--adapter", "loraplus", *NO_CACHE], "-"),  # LoRA with B's group at 16x: LoRA's cost?
     "singlora": ("ours", ["--adapter", "singlora", *NO_CACHE], "-"),
     "singlora+cache": ("ours", ["--adapter", "singlora"], "latents, prompt"),
     # kohya-style data: the photos in aspect-ratio buckets, a caption file per photo (CAPTIONED below)

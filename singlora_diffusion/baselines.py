@@ -5,6 +5,10 @@ from torch import nn
 
 from .targets import TargetSpec, find_targets
 
+# --adapter -> PEFT's use_dora. LoRA+ is LoRA in the model and in every file written;
+# only its optimizer differs (training/optim.py: B learns --loraplus_lr_ratio times faster).
+PEFT_ADAPTERS = {"lora": False, "dora": True, "loraplus": False}
+
 
 def inject_peft(model: nn.Module, targets: TargetSpec, rank: int, alpha: float | None = None,
                 dora: bool = False, kind: str = "unet", seed: int | None = 0) -> list[str]:

@@ -60,7 +60,7 @@ def from_unet_latents(vae_config, latents: torch.Tensor) -> torch.Tensor:
 def inject_adapters(components: dict[str, nn.Module], cfg: AdapterConfig,
                     ramp_up_steps: int = 0) -> dict[str, list[str]]:
     """Add cfg.adapter to the UNet (and to the text encoders if cfg names targets for them)."""
-    from .baselines import inject_peft
+    from .baselines import PEFT_ADAPTERS, inject_peft
 
     plan = {"unet": cfg.target_modules}
     if cfg.text_encoder_target_modules is not None:
@@ -76,7 +76,8 @@ def inject_adapters(components: dict[str, nn.Module], cfg: AdapterConfig,
         if cfg.adapter == "singlora":
             injected[component] = inject_singlora(model, targets, cfg.rank, cfg.alpha, ramp_up_steps, seed, kind)
         else:
-            injected[component] = inject_peft(model, targets, cfg.rank, cfg.alpha, cfg.adapter == "dora", kind, seed)
+            injected[component] = inject_peft(model, targets, cfg.rank, cfg.alpha, PEFT_ADAPTERS[cfg.adapter], kind,
+                                              seed)
     return injected
 
 

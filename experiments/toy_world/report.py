@@ -10,7 +10,7 @@ METRICS = {  # name: (label, higher is better)
     "star_rate": ("generated = orange star", True),
     "prior_drift": ("prior drift (class loss - base)", False),
 }
-NAMES = {"singlora": "SingLoRA", "lora": "LoRA", "dora": "DoRA"}
+NAMES = {"singlora": "SingLoRA", "lora": "LoRA", "dora": "DoRA", "loraplus": "LoRA+"}
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

@@ -1,7 +1,6 @@
 """Phase 1-2 of training: check the inputs (before any model loads), then build the models."""
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,6 @@ import torch
 from torch import nn
 
 from ..baselines import peft_parameters
-from ..errors import MissingDependency
 from ..files import check_writable
 from ..images import ImageFolderError, scan_images
 from ..inject import singlora_parameters
@@ -43,6 +41,8 @@ def _captions(folder: str, extension: str | None) -> tuple[str, ...]:
 
 def validate(cfg: TrainConfig) -> Inputs:
     """Every check that needs no model: images, captions, output folder, base, presets. Raises one clear error."""
+    from .optim import check_optimizer
+
     concepts = load_concepts(cfg)
     images = [scan_images(c.instance_data_dir, _flag(cfg, i, "instance_data_dir"), "instance images",
                           ignore=_captions(c.instance_data_dir, cfg.caption_extension))
@@ -65,9 +65,7 @@ def validate(cfg: TrainConfig) -> Inputs:
         # said, not silently dropped: a user of diffusers' scripts expects worker processes
         warnings.warn(f"--dataloader_num_workers {cfg.dataloader_num_workers} is ignored: this trainer has no "
                       f"DataLoader (the photos are decoded in the main process)", UserWarning, stacklevel=2)
-    if cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise MissingDependency("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only), "
-                                "or drop the flag")
+    check_optimizer(cfg)  # bitsandbytes / prodigyopt installed, no contradicting optimizer flags
     return Inputs(base, concepts, items, class_images)
 
 
@@ -85,8 +83,12 @@ class Trainee:
         return any(c != "unet" for c in self.trained)
 
     def parameters(self) -> list[nn.Parameter]:
+        return [p for component in self.trained for p in self.parameters_of(component)]
+
+    def parameters_of(self, component: str) -> list[nn.Parameter]:
+        """One component's adapter tensors (the optimizer gives each component its own group)."""
         pick = singlora_parameters if self.adapter == "singlora" else peft_parameters
-        return [p for model in self.trained.values() for p in pick(model)]
+        return pick(self.trained[component])
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """"component.param_name" -> adapter parameter, a stable key for checkpoints."""

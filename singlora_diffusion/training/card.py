@@ -9,6 +9,21 @@ from .config import TrainConfig
 from .dataset import Concept, validation_prompts
 
 
+def optimizer_line(cfg: TrainConfig) -> str:
+    """The optimizer, LoRA+ ratio, text-encoder rate and EMA, as the card's settings line says them."""
+    parts = [f"optimizer {cfg.optimizer}"]
+    if cfg.optimizer == "prodigy":
+        parts[0] += (f" (d_coef {cfg.prodigy_d_coef:g}, safeguard_warmup {cfg.prodigy_safeguard_warmup}, "
+                     f"use_bias_correction {cfg.prodigy_use_bias_correction})")
+    if cfg.adapter == "loraplus":
+        parts.append(f"LoRA+: B's learning rate {cfg.loraplus_lr_ratio:g} x A's")
+    if cfg.text_encoder_lr is not None:
+        parts.append(f"text-encoder learning rate {cfg.text_encoder_lr:g}")
+    parts.append(f"EMA of the weights (decay {cfg.ema_decay:g}): the files hold the average" if cfg.use_ema
+                 else "no EMA")
+    return ", ".join(parts)
+
+
 def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path, weights: dict[str, Path],
                      concepts: list[Concept]) -> dict:
     """README.md + samples.png: per prompt, the base model (a row) and the adapted one (the row below),
@@ -59,6 +74,7 @@ Trained with singlora-diffusion `train_dreambooth.py` on
 {subjects}
 - adapter: {cfg.adapter}, rank {cfg.rank}, alpha {cfg.alpha:g}, targets `{cfg.target_modules}`
   {"" if cfg.text_encoder_target_modules is None else f"(text encoders: `{cfg.text_encoder_target_modules}`)"}
+- {optimizer_line(cfg)}
 - learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}), batch {cfg.train_batch_size} x
   {cfg.gradient_accumulation_steps}, resolution {cfg.resolution}, precision {cfg.mixed_precision}, seed {cfg.seed}
 - full settings: `config.yaml`

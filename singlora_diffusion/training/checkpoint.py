@@ -2,7 +2,9 @@
 
 A checkpoint holds the adapter weights (safetensors; for SingLoRA the native
 file, which carries the ramp step), the optimizer and LR-scheduler states, the
-fp16 GradScaler's state (scaler.pt, fp16 runs only), the RNG states and
+fp16 GradScaler's state (scaler.pt, fp16 runs only), the EMA of the adapter
+weights (ema.pt, --use_ema runs only: diffusers' EMAModel.state_dict(); the
+safetensors hold the live weights, so training resumes from them), the RNG states and
 trainer_state.json (optimizer steps done, samples consumed = the data
 position, seed, process count, max_train_steps, ramp_up_steps). The .pt
 states are torch.save'd tensors and numbers, read back with weights_only=True
@@ -29,6 +31,7 @@ from ..errors import BadInput, WriteError
 from ..files import atomic_path
 
 STATE = "trainer_state.json"
+EMA_NAME = "ema.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -85,6 +88,7 @@ def check_checkpoint(path: Path, cfg=None) -> dict:
             torch.load(path / "scaler.pt", weights_only=True)["scale"]
         except Exception as e:
             raise CheckpointError(f"{path / 'scaler.pt'} is damaged ({type(e).__name__}: {e})") from None
+    check_ema(path, state, cfg)
     weights = list(path.glob("*.safetensors"))
     if not weights:
         raise CheckpointError(f"{path} holds no adapter weights (*.safetensors)")
@@ -105,6 +109,27 @@ def check_checkpoint(path: Path, cfg=None) -> dict:
                                           f"{getattr(cfg, key)}: resume with --{key} {value}, or train into a new "
                                           f"--output_dir")
     return state
+
+
+def check_ema(path: Path, state: dict, cfg=None) -> None:
+    """ema.pt reads back and holds one update per optimizer step; a --use_ema resume needs it."""
+    file = path / EMA_NAME
+    if not file.exists():
+        if cfg is not None and getattr(cfg, "use_ema", False):
+            raise SettingsMismatch(f"{path} was written without --use_ema (no {EMA_NAME}): its EMA cannot be "
+                                   f"continued; resume without --use_ema, or train into a new --output_dir")
+        return
+    try:
+        ema = torch.load(file, weights_only=True)
+        updates, shadow = ema["optimization_step"], ema["shadow_params"]
+        if not isinstance(shadow, list) or not all(isinstance(t, torch.Tensor) for t in shadow):
+            raise BadInput("its shadow_params are not a list of tensors")
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{file} is damaged ({why})") from None
+    if updates != state["step"]:
+        raise CheckpointError(f"{file} holds {updates} EMA updates but {STATE} says step {state['step']}: the "
+                              f"files are from different runs; resume from another checkpoint")
 
 
 def resolve_resume(output_dir: str | Path, spec: str | None, cfg=None, log=print) -> Path | None:
@@ -168,6 +193,10 @@ def reconcile_resume(cfg, path: Path) -> str | None:
     if saved_steps is not None and saved_steps != cfg.max_train_steps:
         changes.append(f"max_train_steps {saved_steps} -> {cfg.max_train_steps} (the LR schedule now spans "
                        f"{cfg.max_train_steps} steps)")
+    if state.get("use_ema") and not cfg.use_ema:
+        changes.append("--use_ema dropped: the final adapter will be the live weights, not their average")
+    elif cfg.use_ema and state.get("ema_decay") not in (None, cfg.ema_decay):
+        changes.append(f"ema_decay {state['ema_decay']} -> {cfg.ema_decay}")
     if cfg.adapter == "singlora" and saved_T is not None:
         if cfg.ramp_up_steps is None:
             cfg.ramp_up_steps = saved_T
@@ -183,7 +212,7 @@ def reconcile_resume(cfg, path: Path) -> str | None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, write_weights, optimizer, lr_scheduler, state: dict,
-                    total_limit: int | None, scaler=None) -> Path:
+                    total_limit: int | None, scaler=None, ema=None) -> Path:
     """Write checkpoint-{step}/ via a temporary folder and a rename, then prune the oldest."""
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
@@ -196,6 +225,8 @@ def save_checkpoint(output_dir: str | Path, step: int, write_weights, optimizer,
             torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:  # its loss scale and growth tracker: an fp16 resume equals a straight fp16 run
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            if ema is not None:  # beside the live weights: a resumed run continues both exactly
+                torch.save(ema.state_dict(), tmp / EMA_NAME)
             version, internal, gauss = random.getstate()
             torch.save({"torch": torch.get_rng_state(), "python": torch.tensor(internal, dtype=torch.int64),
                         **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
@@ -224,8 +255,10 @@ def write_failure(e: BaseException) -> str:
     return "a file write failed: the disk is full or a file size limit was reached"
 
 
-def load_checkpoint(path: Path, load_weights, optimizer, lr_scheduler, scaler=None) -> dict:
+def load_checkpoint(path: Path, load_weights, optimizer, lr_scheduler, scaler=None, ema=None) -> dict:
     load_weights(path)
+    if ema is not None:  # check_checkpoint made sure the file is there
+        ema.load_state_dict(torch.load(path / EMA_NAME, weights_only=True, map_location="cpu"))
     getattr(optimizer, "optimizer", optimizer).load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and (path / "scaler.pt").is_file():

@@ -89,7 +89,8 @@ class TrainConfig(AdapterConfig):
     prodigy_use_bias_correction: bool = _f(False, "Prodigy's use_bias_correction (Adam's bias correction)")
     use_ema: bool = _f(False, "keep an exponential moving average of the adapter weights (diffusers' EMAModel); "
                               "validation and the saved adapter use it")
-    ema_decay: float = _f(0.9999, "EMA decay (diffusers' EMAModel: min(decay, (1 + t) / (10 + t)) at step t)")
+    ema_decay: float = _f(0.9999, "EMA decay (diffusers' EMAModel: min(decay, n / (9 + n)) at the n-th optimizer "
+                                  "step, 0 at the first)")
     lr_scheduler: str = _f("constant", "schedule: " + ", ".join(SCHEDULERS), choices=SCHEDULERS)
     lr_warmup_steps: int = _f(0, "learning-rate warm-up steps")
     lr_num_cycles: int = _f(1, "cycles of cosine_with_restarts")

@@ -1,13 +1,15 @@
 """Phase 3: the training loop, checkpoints, validation, Ctrl-C and NaN handling.
 
-    fit: TrainingLoop(...) sets up the optimizer, LR schedule and data -> resume from a checkpoint?
+    fit: TrainingLoop(...) sets up the optimizer and EMA (optim.py), LR schedule and data -> resume?
          -> until max_train_steps:  optimizer_step  gradient_accumulation_steps micro-batches, one update
+                                                    (and one EMA update with --use_ema)
                                     after_step      log the step's mean loss; checkpoint, validation
                                                     images, progress file when due
 """
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .dataset import validation_prompts
 from .loss import dreambooth_loss, per_sample_mse, snr_weights, target_of
+from .optim import AdapterEMA, make_optimizer, param_groups
 from .weights import read_weights, write_weights
 
 
@@ -36,17 +39,6 @@ class FitResult:
     last_checkpoint: Path | None
     interrupted: bool = False
     validation_images: list[Path] | None = None
-
-
-def make_optimizer(cfg: TrainConfig, params):
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    # foreach: one fused update over the many small adapter tensors (also on CPU)
-    if cfg.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
 def ramp_value(trainee: Trainee):
@@ -107,7 +99,8 @@ class TrainingLoop:
                                  cfg.with_prior_preservation)
         self.prompts = PromptEncoder(pipe, cache=cfg.cache_text_embeddings and not trainee.trains_text_encoders)
         self.params = trainee.parameters()
-        self.optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, self.params))
+        self.optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, param_groups(cfg, trainee)))
+        self.ema = AdapterEMA(self.params, cfg.ema_decay) if cfg.use_ema else None
         # The scheduler is stepped by hand once per optimizer step really taken, so its
         # step count depends neither on the number of processes nor on skipped fp16 steps.
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=getattr(self.optimizer, "optimizer",
@@ -127,7 +120,7 @@ class TrainingLoop:
 
     def resume(self, path: Path, log) -> None:
         state = load_checkpoint(path, lambda folder: read_weights(self.trainee, folder), self.optimizer,
-                                self.lr_scheduler, self.accelerator.scaler)
+                                self.lr_scheduler, self.accelerator.scaler, self.ema)
         self.step, self.samples = state["step"], state["samples_seen"]
         self.at_step_end, self.last_checkpoint = self.samples, path
         log(f"resumed from {path} at step {self.step} (saved by {state.get('num_processes', 1)} process(es))")
@@ -156,6 +149,8 @@ class TrainingLoop:
             self.note_skipped_step()
             return None
         self.skipped_in_a_row = 0
+        if self.ema is not None:  # after the update really taken, so it averages the weights of steps 1..t
+            self.ema.update()
         return mean_logs(micro_logs)
 
     def backward_and_update(self, loss: torch.Tensor) -> None:
@@ -193,8 +188,9 @@ class TrainingLoop:
         if self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_train_steps:
             self.last_checkpoint = self.checkpoint()
         if self.validation_prompts and self.step % cfg.validation_steps == 0:
-            self.validation_images = validate_images(cfg, self.trainee, accelerator, self.step,
-                                                     self.validation_prompts)
+            with self.ema.weights_in_use() if self.ema is not None else nullcontext():
+                self.validation_images = validate_images(cfg, self.trainee, accelerator, self.step,
+                                                         self.validation_prompts)
         if accelerator.is_main_process:
             write_progress(cfg.output_dir, step=self.step, total=cfg.max_train_steps, loss=logs.get("loss"),
                            validation_image=str(self.validation_images[0]) if self.validation_images else None)
@@ -206,9 +202,10 @@ class TrainingLoop:
         if accelerator.is_main_process:
             state = {"samples_seen": self.at_step_end, "seed": cfg.seed, "num_processes": accelerator.num_processes,
                      "max_train_steps": cfg.max_train_steps, "ramp_up_steps": self.trainee.ramp_up_steps,
-                     "adapter": cfg.adapter, "rank": cfg.rank}
+                     "adapter": cfg.adapter, "rank": cfg.rank, "use_ema": cfg.use_ema,
+                     **({"ema_decay": cfg.ema_decay} if cfg.use_ema else {})}
             save_checkpoint(cfg.output_dir, self.step, self.write_weights, self.optimizer, self.lr_scheduler, state,
-                            cfg.checkpoints_total_limit, accelerator.scaler)
+                            cfg.checkpoints_total_limit, accelerator.scaler, self.ema)
         accelerator.wait_for_everyone()
         return Path(cfg.output_dir) / f"checkpoint-{self.step}"
 
@@ -247,6 +244,8 @@ def fit(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, log=pri
     finally:
         bar.close()  # also before an error's message
     log(f"trained {loop.step} steps in {time.perf_counter() - started:.0f} s")
+    if loop.ema is not None:  # the model returned, and so the final files and the card's samples, are the EMA's
+        loop.ema.copy_to_model()
     return loop.result()
 
 

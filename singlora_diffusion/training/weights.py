@@ -1,6 +1,6 @@
 """Adapter weights of a run: write/read them in checkpoints, and the final outputs.
 
-SingLoRA runs write the native file (format.py); LoRA/DoRA baselines write
+SingLoRA runs write the native file (format.py); LoRA/DoRA/LoRA+ baselines write
 PEFT's tensors under "component.parameter" keys, and for the final output
 diffusers' own LoRA writer, so `pipe.load_lora_weights(output_dir)` works for
 every adapter. SingLoRA runs also write the kohya layout (export_kohya) that
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..baselines import PEFT_ADAPTERS
 from ..export import export_diffusers, export_kohya
 from ..format import WEIGHTS_NAME, diffusers_lora_name, read_adapter, save_adapter
 from ..inject import set_step, singlora_modules
@@ -95,7 +96,7 @@ def write_final(trainee: Trainee, output_dir: Path, base_model: str, cfg) -> dic
         layers[f"{component}_lora_layers"] = state
         # lora_alpha travels with the file: without it diffusers would assume alpha = r.
         metadata[f"{component}_lora_adapter_metadata"] = {
-            "r": cfg.rank, "lora_alpha": cfg.alpha, "use_dora": cfg.adapter == "dora",
+            "r": cfg.rank, "lora_alpha": cfg.alpha, "use_dora": PEFT_ADAPTERS[cfg.adapter],
             "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in state})}
     writer = StableDiffusionXLPipeline if "text_encoder_2" in trainee.components else StableDiffusionPipeline
     writer.save_lora_weights(str(output_dir), **layers, **metadata)
