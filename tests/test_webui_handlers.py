@@ -215,7 +215,7 @@ def test_optimizers_offered_only_where_they_run(train_state, tmp_path, monkeypat
     note = handlers.optimizer_note()
     assert "adamw8bit needs a CUDA GPU" in note and "pip install prodigyopt" in note
     photos = upload(tmp_path / "gradio", {"a.png": "red"})
-    with pytest.raises(BadRequest, match="pip install prodigyopt; pick another optimizer"):
+    with pytest.raises(BadRequest, match=r"pip install prodigyopt\); pick another optimizer"):
         handlers.start_training(train_state, photos, "", TrainRequest("a photo of sks dog", optimizer="prodigy"))
     monkeypatch.setattr(importlib.util, "find_spec", real)
     assert "prodigy" in jobs.offered_optimizers() or real("prodigyopt") is None

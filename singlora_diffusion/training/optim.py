@@ -21,16 +21,24 @@ from ..errors import BadInput, MissingDependency
 from .build import Trainee
 from .config import TrainConfig
 
+# optimizer -> (the package it needs, how to install it)
+PACKAGES = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes (CUDA GPUs only)"),
+            "prodigy": ("prodigyopt", "pip install 'singlora-diffusion[prodigy]' (or pip install prodigyopt)")}
+
+
+def missing_package(optimizer: str) -> str | None:
+    """How to install what `optimizer` needs when it is not installed; None when it can run."""
+    package, install = PACKAGES.get(optimizer, (None, None))
+    return install if package and importlib.util.find_spec(package) is None else None
+
+
 def check_optimizer(cfg: TrainConfig) -> None:
     """The optimizer flags' packages and contradictions, before any model loads (training.validate)."""
-    if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        flag = "--use_8bit_adam" if cfg.use_8bit_adam else "--optimizer adamw8bit"
-        raise MissingDependency(f"{flag} needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only), or use "
-                                f"--optimizer adamw")
+    install = missing_package(cfg.optimizer)
+    if install:
+        flag = "--use_8bit_adam" if cfg.use_8bit_adam else f"--optimizer {cfg.optimizer}"
+        raise MissingDependency(f"{flag} needs {PACKAGES[cfg.optimizer][0]}: {install}, or use --optimizer adamw")
     if cfg.optimizer == "prodigy":
-        if importlib.util.find_spec("prodigyopt") is None:
-            raise MissingDependency("--optimizer prodigy needs prodigyopt: pip install 'singlora-diffusion[prodigy]' "
-                                    "(or pip install prodigyopt), or use --optimizer adamw")
         # Prodigy estimates one step size d for all parameters; a group's lr only scales d,
         # and prodigyopt refuses groups whose lr differ (RuntimeError at the first step).
         if cfg.adapter == "loraplus":

@@ -43,17 +43,14 @@ def optimizers() -> tuple[str, ...]:
 
 def optimizer_problems() -> dict[str, str]:
     """{optimizer: why it cannot run here} for the trainer's optimizers this machine lacks."""
-    import importlib.util
-
     import torch
 
-    problems = {}
-    if not torch.cuda.is_available():
+    from ..training.optim import PACKAGES, missing_package
+
+    problems = {name: f"{name} needs {PACKAGES[name][0]}: {missing_package(name)}" for name in optimizers()
+                if missing_package(name)}
+    if not torch.cuda.is_available():  # the trainer would run it; bitsandbytes' 8-bit states want a GPU
         problems["adamw8bit"] = "adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit states); none is available here"
-    elif importlib.util.find_spec("bitsandbytes") is None:
-        problems["adamw8bit"] = "adamw8bit needs bitsandbytes: pip install bitsandbytes"
-    if importlib.util.find_spec("prodigyopt") is None:
-        problems["prodigy"] = "prodigy needs prodigyopt: pip install prodigyopt"
     return {name: problems[name] for name in optimizers() if name in problems}
 
 
