@@ -40,10 +40,8 @@ class Grid:
 
 # Equal rank: every method at r = 4. Equal parameters: SingLoRA r = 8 has as many
 # as LoRA r = 4 on square layers (n·8 vs 2n·4); run-time counts are in the JSON.
-# LoRA+ (B at 16x A's rate, the trainer's default ratio) changes how LoRA's update scales
-# with the learning rate, the axis this sweep varies; its lr is A's.
 GRIDS = {
-    ("sweep", False): Grid([("singlora", 4), ("singlora", 8), ("lora", 4), ("dora", 4), ("loraplus", 4)],
+    ("sweep", False): Grid([("singlora", 4), ("singlora", 8), ("lora", 4), ("dora", 4)],
                            [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], [0, 1, 2], steps=300, batch=4),
     ("sweep", True): Grid([("singlora", 4), ("lora", 4)], [1e-3, 1e-2], [0], steps=12, batch=2,
                           eval=EvalSizes(subject=4, classes=4, timesteps=2, generated=2, inference_steps=3)),
