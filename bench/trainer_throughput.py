@@ -208,7 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--diffusers_script", metavar="PATH", help="your copy of diffusers' examples/dreambooth/"
                     "train_dreambooth_lora.py, to compare against (it is not in the diffusers wheel)")
     ap.add_argument("--pipeline_dir", default="/tmp/singlora_bench/sd-unet18m-256",
-                    help="where the benchmark's base pipeline is built once and reused")
+                    help="where the benchmark's base pipeline is built once and reused (the captioned photos "
+                         "go beside it)")
+    ap.add_argument("--configs", metavar="A,B", help="run only these configurations (default: all): "
+                    + ", ".join(CONFIGS))
     ap.add_argument("--json", metavar="PATH", help="also write settings and every run's step times here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -224,6 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     s["captioned"] = str(captioned_photos(Path(args.pipeline_dir).parent / "dog3-captioned"))
     script = str(Path(args.diffusers_script).resolve()) if args.diffusers_script else None
     names = [n for n, (trainer, *_) in CONFIGS.items() if trainer == "ours" or script]
+    if args.configs:
+        unknown = sorted(set(args.configs.split(",")) - set(CONFIGS))
+        if unknown:
+            ap.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+        names = [n for n in names if n in args.configs.split(",")]
     import diffusers
     import torch
 

@@ -28,17 +28,24 @@ FAKE_DIFFUSERS_SCRIPT = textwrap.dedent("""
 """)
 
 
+# One configuration of each kind: ours without and with caching, kohya-style data (buckets and
+# captions), diffusers' script. The others differ from these by flags only.
+KINDS = ("lora", "singlora+cache", "singlora+buckets+captions+cache", "diffusers")
+
+
 def test_trainer_throughput_quick(tmp_path):
     script = tmp_path / "train_dreambooth_lora.py"
     script.write_text(FAKE_DIFFUSERS_SCRIPT)
     out = subprocess.run([sys.executable, "-m", "bench.trainer_throughput", "--quick", "--diffusers_script",
-                          str(script), "--json", str(tmp_path / "r.json")],
+                          str(script), "--json", str(tmp_path / "r.json"), "--configs", ",".join(KINDS),
+                          "--pipeline_dir", str(tmp_path / "pipe")],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| configuration | trainer |" in out.stdout
-    for name in ("lora", "lora+cache", "singlora", "singlora+cache", "diffusers", "diffusers+pre"):
+    for name in KINDS:
         assert f"| {name} |" in out.stdout
+    assert "| lora+cache |" not in out.stdout  # --configs is obeyed
     assert "x diffusers' steps/s" in out.stdout  # the goal's verdict is printed
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert all(row["steps_per_s"] > 0 and row["peak"] > 0 for row in rows)
