@@ -10,6 +10,7 @@ import torch
 from ..errors import WriteError
 from ..files import atomic_path, write_text
 from .build import Inputs, Trainee, build, validate
+from .card import optimizer_line
 from .dataset import num_class_images
 from .checkpoint import reconcile_resume, resolve_resume, write_failure
 from .config import TrainConfig
@@ -76,7 +77,8 @@ def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> 
         f" trainable   {n_params:,} parameters",
         *image_lines(cfg, inputs),
         f" steps       {cfg.max_train_steps} x batch {cfg.train_batch_size} x accumulation "
-        f"{cfg.gradient_accumulation_steps} x {accelerator.num_processes} process(es), lr {cfg.learning_rate:g}",
+        f"{cfg.gradient_accumulation_steps} x {accelerator.num_processes} process(es)",
+        f" optimizer   {optimizer_line(cfg).removeprefix('optimizer ')}; lr {cfg.learning_rate:g}",
         f" precision   base {cfg.mixed_precision}, adapter float32; seed {cfg.seed}",
         f" output      {cfg.output_dir}",
         "=" * 72,
