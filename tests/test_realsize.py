@@ -159,7 +159,7 @@ def sd15_base():
     return base
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", [pytest.param("no", marks=pytest.mark.realsize_only), "bf16", "fp16"])
 def test_sd15_trains_at_512_px(precision, sd15_base, photos, tmp_path):
     out, classes = tmp_path / "run", tmp_path / "class"
     run_process(train_command("random:sd15", out, photos, classes, 512, precision), tmp_path / "train.log",
@@ -169,7 +169,7 @@ def test_sd15_trains_at_512_px(precision, sd15_base, photos, tmp_path):
         check_exports_merge_generate(sd15_base, out, tmp_path, torch.float32)
 
 
-@pytest.mark.sdxl_realsize
+@pytest.mark.realsize_only
 def test_sdxl_trains_at_1024_px_in_bf16(photos, tmp_path):
     from singlora_diffusion.pipelines import resolve_base
 
