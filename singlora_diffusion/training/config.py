@@ -24,6 +24,8 @@ from ..pipelines import PRECISIONS
 from ..targets import TargetSpec
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+# Prodigy estimates its own step size; its learning rate multiplies that estimate (1.0: as estimated).
+PRODIGY_LR = 1.0
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -142,7 +144,7 @@ class TrainConfig(AdapterConfig):
                 raise BadInput("--use_8bit_adam and --optimizer prodigy contradict each other: drop one")
             self.optimizer = "adamw8bit"
         if self.learning_rate is None:
-            self.learning_rate = 1.0 if self.optimizer == "prodigy" else 1e-4
+            self.learning_rate = PRODIGY_LR if self.optimizer == "prodigy" else 1e-4
         if not 0.0 <= self.caption_dropout_rate <= 1.0:
             raise BadInput(f"caption_dropout_rate must be in [0, 1], got {self.caption_dropout_rate}")
         if not 0.0 < self.ema_decay < 1.0:

@@ -86,9 +86,9 @@ def _concept(path: Path, i: int, entry, cfg) -> Concept:
             raise BadInput(f"{where}: {key} must be a whole number >= 1, got {value!r}")
     if cfg.with_prior_preservation and not (entry.get("class_prompt") and entry.get("class_data_dir")):
         raise BadInput(f"{where}: --with_prior_preservation needs class_prompt and class_data_dir in every concept")
-    concept = Concept(**{k: (str(v) if k in ("instance_data_dir", "instance_prompt", "class_prompt",
-                                                "class_data_dir", "validation_prompt") and v is not None else v)
-                         for k, v in entry.items()})
+    # YAML reads `instance_prompt: 1234` as a number: the text fields are text
+    text = {k: str(v) for k, v in entry.items() if v is not None and k not in ("repeats", "num_class_images")}
+    concept = Concept(**{**entry, **text})
     return dataclasses.replace(concept, instance_data_dir=resolve_data_dir(concept.instance_data_dir))
 
 

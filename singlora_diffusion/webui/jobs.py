@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import read_progress
+from ..training.config import PRODIGY_LR  # the trainer's learning rate for prodigy
 from .requests import CAPTION_SUFFIX, BadRequest, TrainRequest
 
 # Train-tab choice -> shipped preset (singlora_diffusion/configs/, package data)
 PRESETS = {"demo": "demo", "sd15": "sd15", "sdxl": "sdxl", "paper": "paper_sd15"}
-# Prodigy estimates its own step size; its learning rate is a multiplier on that estimate.
-PRODIGY_LR = 1.0
 
 
 def _field(name: str):
