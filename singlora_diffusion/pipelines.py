@@ -18,6 +18,7 @@ COMPONENTS = tuple(COMPONENT_KIND)  # unet, text_encoder, text_encoder_2
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = tuple(DTYPES)
 TINY_PREFIX, RANDOM_PREFIX = "tiny:", "random:"
+TOY_BASE = "toy:shapes"  # the pretrained toy base shipped in the package (toy/base.py)
 
 
 def pipeline_components(pipe) -> dict[str, nn.Module]:
@@ -89,9 +90,16 @@ def hub_offline() -> bool:
 
 
 def _test_pipeline(name: str):
-    """(kind, arch, save) for tiny:… / random:… names, None for any other base."""
+    """(kind, arch, save) for tiny:… / random:… / toy:shapes, None for any other base."""
     from .tiny import save_random_pipeline, save_tiny_pipeline
 
+    if str(name) == TOY_BASE:
+        from .toy.base import fingerprint, save_toy_pipeline
+
+        # The folder is named by the shipped weights' fingerprint: a new toy base is a new folder.
+        return "toy", f"shapes-{fingerprint()[:12]}", lambda out, _arch: save_toy_pipeline(out)
+    if str(name).startswith("toy:"):
+        raise BadInput(f"unknown toy pipeline {name!r}: the package ships {TOY_BASE}")
     builders = {TINY_PREFIX: ("tiny", save_tiny_pipeline), RANDOM_PREFIX: ("random", save_random_pipeline)}
     prefix = next((p for p in builders if str(name).startswith(p)), None)
     if prefix is None:
@@ -113,7 +121,8 @@ def resolve_base(name: str | os.PathLike) -> str:
     diffusers folder, a single-file checkpoint) as given.
 
     tiny:sd15 / tiny:sdxl: ~10M parameters at 64 px; random:sd15 / random:sdxl: the real
-    component configs at full size (2 GB / 7 GB in fp16), random weights.
+    component configs at full size (2 GB / 7 GB in fp16), random weights; toy:shapes: the
+    pretrained toy base (32 px coloured shapes) shipped in the package.
     """
     test = _test_pipeline(name)
     if test is None:

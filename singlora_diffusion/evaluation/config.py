@@ -13,6 +13,7 @@ from ..errors import BadInput
 from ..pipelines import PRECISIONS
 
 CLIP_T_IDENTIFIER = ("remove", "keep")
+SCORERS = ("dreambench", "toy")
 
 
 def _f(default, help: str, **kw):
@@ -40,7 +41,8 @@ class EvalConfig:
     subjects: str | None = _f(None, "with --dreambench_dir: comma-separated subjects to evaluate (default: all "
                                     "with photos, and with an adapter when --adapters_dir is given)")
     # -- prompts and generation
-    prompts: str = _f("dreambench", "'dreambench' (25 prompts, object or live list by class) or a text file, "
+    prompts: str = _f("dreambench", "'dreambench' (25 prompts, object or live list by class), 'toy' (the subject on "
+                                    "each toy-world background; the default with --scorer toy) or a text file, "
                                     "one prompt per line, {0}/{identifier} and {1}/{class} placeholders")
     identifier: str = _f("sks", "the subject's identifier token in the prompts")
     clip_t_identifier: str = _f("remove", "remove: CLIP-T compares images with the prompt without the identifier "
@@ -57,6 +59,10 @@ class EvalConfig:
     mixed_precision: str = _f("no", "no | fp16 | bf16: dtype of the diffusion model (scoring stays float32)",
                               choices=PRECISIONS)
     # -- scoring models
+    scorer: str = _f("dreambench", "dreambench: DINO, CLIP-I and CLIP-T with the real scoring models; toy: images of "
+                                   "the toy base (toy:shapes) scored with the toy world's feature extractor "
+                                   "(subject similarity, subject classified, background as prompted), toy-world "
+                                   "scores, not DreamBench's", choices=SCORERS)
     dino_weights: str | None = _f(None, "local DINO ViT-S/16 weights file (default: timm downloads "
                                         "vit_small_patch16_224.dino)")
     clip_weights: str | None = _f(None, "local CLIP ViT-B/32 OpenAI weights file (default: open_clip downloads "
@@ -86,6 +92,17 @@ class EvalConfig:
             raise BadInput(f"--resolution must be a multiple of 8, got {self.resolution}")
         if self.mixed_precision not in PRECISIONS:
             raise BadInput(f"--mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.scorer not in SCORERS:
+            raise BadInput(f"--scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+        if self.scorer == "toy":
+            if self.prompts == "dreambench":
+                self.prompts = "toy"  # DreamBench's prompts name no toy background
+            self.class_name = self.class_name or "shape"
+            if self.dino_weights or self.clip_weights:
+                raise BadInput("--dino_weights / --clip_weights are DreamBench's scoring models; --scorer toy "
+                               "uses the toy world's own extractor")
+        elif self.prompts == "toy":
+            raise BadInput("--prompts toy goes with --scorer toy (toy-world images)")
         if self.clip_t_identifier not in CLIP_T_IDENTIFIER:
             raise BadInput(f"--clip_t_identifier must be remove or keep, got {self.clip_t_identifier!r}")
 

@@ -79,7 +79,9 @@ def _subject(cfg: EvalConfig, name: str, photos_dir: Path, bench: DreamBench, te
     from ..images import scan_images
 
     flag = "--subject_dir" if cfg.subject_dir else "--dreambench_dir"
-    photos = tuple(scan_images(photos_dir, flag, "subject photos"))
+    # caption files beside a training folder's photos belong there (--caption_extension)
+    captions = tuple(p.name for p in photos_dir.glob("*.txt")) if photos_dir.is_dir() else ()
+    photos = tuple(scan_images(photos_dir, flag, "subject photos", ignore=captions))
     class_name = cfg.class_name if cfg.subject_dir and cfg.class_name else bench.classes.get(name)
     if images_dir is not None:
         return Subject(name, class_name, photos, existing=tuple(read_images_dir(images_dir, name)))
@@ -95,6 +97,10 @@ def _subject(cfg: EvalConfig, name: str, photos_dir: Path, bench: DreamBench, te
         check_adapter_file(adapter)  # NaN, a lying header, an empty file: refused before any model loads
         _warn_identifier(adapter, cfg.identifier)
     prompts = make_prompts(templates, cfg.identifier, class_name or "")
+    if cfg.scorer == "toy":
+        from ..toy.scorer import check_prompts
+
+        check_prompts([p.text for p in prompts])
     return Subject(name, class_name, photos, prompts, adapter)
 
 
@@ -102,7 +108,9 @@ def _one_subject(cfg: EvalConfig, templates) -> list[Subject]:
     """--subject_dir: one folder of photos, with an adapter or existing images."""
     from ..format import find_adapter_file
 
-    photos_dir = Path(cfg.subject_dir)
+    from ..bundled import resolve_data_dir
+
+    photos_dir = Path(resolve_data_dir(cfg.subject_dir))
     name = cfg.subject_name or photos_dir.resolve().name
     adapter = find_adapter_file(cfg.adapter) if cfg.adapter else None
     images_dir = Path(cfg.images_dir) if cfg.images_dir else None
@@ -160,7 +168,12 @@ def make_plan(cfg: EvalConfig) -> Plan:
     from ..pipelines import check_base_exists
 
     check_writable(cfg.out, "--out")
-    templates = () if cfg.prompts == "dreambench" else read_prompt_file(cfg.prompts)
+    if cfg.prompts == "toy":
+        from ..toy.scorer import toy_templates
+
+        templates = toy_templates()
+    else:
+        templates = () if cfg.prompts == "dreambench" else read_prompt_file(cfg.prompts)
     if cfg.subject_dir is not None:
         subjects, dreambench_file = _one_subject(cfg, templates), None
     else:

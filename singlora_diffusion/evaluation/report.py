@@ -30,6 +30,17 @@ from .scorer import RANDOM_STAMP, open_image
 from .scoring import ImageScore, SubjectScores
 
 METRICS = ("dino", "clip_i", "clip_t")
+# Column titles by scorer: the toy scorer fills the same three fields with toy-world scores.
+LABELS = {"dreambench": ("DINO", "CLIP-I", "CLIP-T"),
+          "toy": ("toy subject similarity", "subject classified", "background as prompted")}
+TOY_METRICS = {
+    "dino": "mean cosine between the toy extractor's features of every generated and every real image",
+    "clip_i": "fraction of (generated, real) pairs the toy extractor gives the same shape and colour "
+              "(real photos are the subject: the fraction of generated images classified as the subject)",
+    "clip_t": "fraction of images whose background the toy extractor classifies as the colour the prompt names",
+    "real_vs_real": "the toy similarity over ordered pairs of distinct real images",
+    "aggregation": "prompt = mean of its images; subject = mean of its images; overall = mean over subjects",
+}
 METHOD_TITLES = {BASE: "base model (no adapter)", ADAPTER: "adapter", IMAGES: "given images"}
 PAPER_REAL = {"dino": 0.774, "clip_i": 0.885}  # DreamBooth, Table 1: real images
 COLOURS = [(76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179)]
@@ -121,12 +132,18 @@ def build_scores(results: list[SubjectScores], cfg: EvalConfig, scorer_info: dic
     """Everything in scores.json: settings, per image, per prompt, per subject, overall."""
     methods = methods_of(results)
     subjects = {r.subject.name: _subject_entry(r) for r in results}
+    kind = scorer_info.get("kind", "dreambench")
+    toy = {"stamp": scorer_info.get("stamp"), "protocol": "the toy world (toy:shapes): toy-world scores, not "
+           "DreamBench's", "metrics": TOY_METRICS} if kind == "toy" else {}
     return {
         "stamp": RANDOM_STAMP if random_weights else None,
         "random_weights": random_weights,
+        "scorer": kind,
+        "labels": dict(zip(METRICS, LABELS[kind])),
         "protocol": "DreamBench (DreamBooth, Ruiz et al., arXiv 2208.12242, Sec. 4.1)",
         "scale": "raw cosine similarities in [-1, 1]; never rescaled",
-        "metrics": {
+        **toy,
+        "metrics": toy.get("metrics") or {
             "dino": "mean cosine between DINO embeddings of every generated and every real image of the subject",
             "clip_i": "the same with CLIP image embeddings",
             "clip_t": "mean cosine between each generated image's CLIP embedding and its prompt's text embedding",
@@ -151,10 +168,14 @@ def _title(method: str) -> str:
     return METHOD_TITLES.get(method, method)
 
 
+def _labels(scores: dict) -> str:
+    return " | ".join(scores.get("labels", dict(zip(METRICS, LABELS["dreambench"]))).values())
+
+
 def summary_table(scores: dict) -> str:
     """The paper-style table (markdown): real vs real, then each method."""
     o = scores["overall"]
-    lines = ["| | DINO | CLIP-I | CLIP-T | subjects | images |", "|---|---:|---:|---:|---:|---:|",
+    lines = [f"| | {_labels(scores)} | subjects | images |", "|---|---:|---:|---:|---:|---:|",
              f"| real images (real vs real) | {_fmt(o['real_vs_real']['dino'])} | {_fmt(o['real_vs_real']['clip_i'])} "
              f"| — | {o['real_vs_real']['subjects']} | — |"]
     for method, s in o["methods"].items():
@@ -165,14 +186,15 @@ def summary_table(scores: dict) -> str:
 
 def _tables(scores: dict) -> list[str]:
     """report.md's per-subject and per-prompt tables."""
-    parts = ["## Per subject\n\n| subject | class | method | DINO | CLIP-I | CLIP-T | images | real vs real DINO "
-             "| real vs real CLIP-I |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"]
+    first, second, _ = scores.get("labels", dict(zip(METRICS, LABELS["dreambench"]))).values()
+    parts = [f"## Per subject\n\n| subject | class | method | {_labels(scores)} | images | real vs real {first} "
+             f"| real vs real {second} |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"]
     for name, s in scores["subjects"].items():
         for method, m in s["methods"].items():
             parts.append(f"| {name} | {s['class'] or '—'} | {_title(method)} | {_fmt(m['dino'])} | "
                          f"{_fmt(m['clip_i'])} | {_fmt(m['clip_t'])} | {m['images']} | "
                          f"{_fmt(s['real_vs_real']['dino'])} | {_fmt(s['real_vs_real']['clip_i'])} |\n")
-    parts.append("\n## Per prompt (mean over subjects)\n\n| prompt | method | DINO | CLIP-I | CLIP-T | images |\n"
+    parts.append(f"\n## Per prompt (mean over subjects)\n\n| prompt | method | {_labels(scores)} | images |\n"
                  "|---|---|---:|---:|---:|---:|\n")
     for prompt, by_method in scores["prompts"].items():
         for method, m in by_method.items():
@@ -183,17 +205,24 @@ def _tables(scores: dict) -> list[str]:
 
 def report_markdown(scores: dict, figures: dict[str, str]) -> str:
     opt, models = scores["options"], scores["models"]
+    toy = scores.get("scorer") == "toy"
     stamp = f"> **{scores['stamp']}**: the scoring models have random weights; use real weights for numbers.\n\n" \
-        if scores["stamp"] else ""
-    parts = [f"# DreamBench evaluation\n\n{stamp}"
+        if scores["stamp"] and not toy else ""
+    if toy:
+        stamp = (f"> **{scores['stamp']}**: toy:shapes images scored by the toy world's own extractor; they show "
+                 f"that training learns the toy subject and say nothing about real models.\n\n")
+    parts = [f"# {'Toy-world' if toy else 'DreamBench'} evaluation\n\n{stamp}"
              f"Protocol: {scores['protocol']}. Scores are {scores['scale']}. "
              f"CLIP-T compares each image with {opt['clip_t_text']}.\n\n",
              summary_table(scores), "\n\n",
-             f"For reference, the DreamBooth paper reports real vs real = {PAPER_REAL['dino']} DINO and "
-             f"{PAPER_REAL['clip_i']} CLIP-I over its 30 subjects.\n\n", *_tables(scores)]
+             "" if toy else f"For reference, the DreamBooth paper reports real vs real = {PAPER_REAL['dino']} DINO "
+                            f"and {PAPER_REAL['clip_i']} CLIP-I over its 30 subjects.\n\n", *_tables(scores)]
     parts.append("\n## Figures\n\n" + "".join(f"![{title}]({path})\n\n" for title, path in figures.items()))
     parts.append("## Settings\n\n")
-    for model in ("dino", "clip"):
+    if toy:
+        d = models["toy"]
+        parts.append(f"- toy scorer: {d['model']}; embeddings: {d['embeddings']}; weights: {d['weights']}\n")
+    for model in () if toy else ("dino", "clip"):
         d = models[model]
         parts.append(f"- {model.upper()}: {d['model']}, {d['embedding']}; weights: {d['weights']}; "
                      f"preprocessing: {d['preprocessing']}\n")
@@ -249,7 +278,8 @@ def write_report(out: Path, results: list[SubjectScores], scores: dict) -> dict[
     keys = list(scores["prompts"])
     bars = {m: {k: scores["prompts"][k][m] for k in keys if m in scores["prompts"][k]}
             for m in scores["overall"]["methods"]}
-    _save_png(per_prompt_bars(keys, bars, scores["overall"]["real_vs_real"], stamp), files["per_prompt.png"])
+    _save_png(per_prompt_bars(keys, bars, scores["overall"]["real_vs_real"], stamp, scores.get("labels")),
+              files["per_prompt.png"])
     figures = {"grid": "grid.png", "per-prompt scores": "per_prompt.png"}
     write_text(files["report.md"], report_markdown(scores, figures))
     return files
@@ -326,9 +356,11 @@ def _legend(draw: ImageDraw.ImageDraw, methods: list[str], x: int, y: int, font)
 
 
 def per_prompt_bars(prompts: list[str], scores: dict[str, dict[str, dict[str, float]]],
-                    reference: dict[str, float | None], stamp: str | None = None) -> Image.Image:
+                    reference: dict[str, float | None], stamp: str | None = None,
+                    labels: dict[str, str] | None = None) -> Image.Image:
     """`scores[method][prompt]` = {"dino", "clip_i", "clip_t"}; `reference` = real vs real per metric."""
-    panels = [("DINO", "dino"), ("CLIP-I", "clip_i"), ("CLIP-T", "clip_t")]
+    labels = labels or dict(zip(METRICS, LABELS["dreambench"]))
+    panels = [(labels[key], key) for key in METRICS]
     methods = list(scores)
     font = _font()
     label_w = min(360, 8 + max((int(font.getlength(p)) for p in prompts), default=0))

@@ -66,11 +66,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Path] | None:
     from accelerate import PartialState
 
     plan = make_plan(cfg)
-    dino_weights, clip_weights = resolve_weights(cfg.dino_weights, cfg.clip_weights, cfg.allow_random_weights)
+    if cfg.scorer == "dreambench":
+        dino_weights, clip_weights = resolve_weights(cfg.dino_weights, cfg.clip_weights, cfg.allow_random_weights)
     settings = check_settings(plan, cfg) if cfg.generates else {}
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(cfg.out)
-    scorer = load_scorer(dino_weights, clip_weights, str(state.device), cfg.allow_random_weights)
+    if cfg.scorer == "toy":
+        from ..toy.scorer import load_toy_scorer
+
+        scorer = load_toy_scorer(str(state.device))
+    else:
+        scorer = load_scorer(dino_weights, clip_weights, str(state.device), cfg.allow_random_weights)
     if state.is_main_process:
         if scorer.random_weights:
             which = [name for name, w in (("DINO", scorer.dino_weights), ("CLIP", scorer.clip_weights)) if w.random]
@@ -86,10 +92,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Path] | None:
 
     files = None
     if state.is_main_process:
-        results = collect(plan, cfg, images, scorer.identity())
+        results = collect(plan, cfg, images, scorer.identity(), getattr(scorer, "text_field", "clip"))
         scores = build_scores(results, cfg, scorer.describe(), scorer.random_weights, plan)
         files = write_report(out, results, scores)
-        stamp = f"\n{RANDOM_STAMP}\n" if scorer.random_weights else ""
+        stamp = f"\n{scores['stamp']}\n" if scores["stamp"] else ""
         print(f"{stamp}\n{summary_table(scores)}\n{stamp}\nreport: {files['report.md']}")
     state.wait_for_everyone()
     return files

@@ -149,7 +149,7 @@ def embed_subject(scorer, subject: Subject, images: dict[str, list[GeneratedImag
 # -- scores from the caches (no model runs) ---------------------------------------------------
 
 def _method_scores(folder: Path, identity: str, method: str, images: list[GeneratedImage],
-                   real: dict[str, torch.Tensor], cfg: EvalConfig) -> list[ImageScore]:
+                   real: dict[str, torch.Tensor], cfg: EvalConfig, text_field: str = "clip") -> list[ImageScore]:
     gen = cached_embeddings(folder / f"{method}.safetensors", identity, _image_keys([im.path for im in images]))
     texts = _texts(images, cfg)
     unique = sorted(set(texts))
@@ -157,14 +157,17 @@ def _method_scores(folder: Path, identity: str, method: str, images: list[Genera
     rows = text_emb[[unique.index(t) for t in texts]]
     dino = metrics.image_similarity(gen["dino"], real["dino"])
     clip_i = metrics.image_similarity(gen["clip"], real["clip"])
-    clip_t = metrics.text_similarity(gen["clip"], rows)
+    clip_t = metrics.text_similarity(gen[text_field], rows)
     return [ImageScore(im, text, float(d), float(ci), float(ct))
             for im, text, d, ci, ct in zip(images, texts, dino, clip_i, clip_t)]
 
 
 def collect(plan: Plan, cfg: EvalConfig, images: dict[tuple[str, str], list[GeneratedImage]],
-            identity: str) -> list[SubjectScores]:
-    """Per-image scores of every subject from the caches (raises KeyError if one is incomplete)."""
+            identity: str, text_field: str = "clip") -> list[SubjectScores]:
+    """Per-image scores of every subject from the caches (raises KeyError if one is incomplete).
+
+    text_field: the image embedding CLIP-T compares with the texts' ("clip"; the toy scorer's
+    "background")."""
     results = []
     for subject in plan.subjects:
         folder = embeddings_folder(cfg.out, subject.name)
@@ -173,6 +176,6 @@ def collect(plan: Plan, cfg: EvalConfig, images: dict[tuple[str, str], list[Gene
                                          "clip_i": metrics.real_vs_real(real["clip"])})
         for method in subject.methods(cfg.baseline):
             scores.images[method] = _method_scores(folder, identity, method, images[(subject.name, method)], real,
-                                                   cfg)
+                                                   cfg, text_field)
         results.append(scores)
     return results

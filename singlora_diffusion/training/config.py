@@ -36,8 +36,10 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig(AdapterConfig):
     # -- model and data
-    pretrained_model_name_or_path: str | None = _f(None, "base: hub id, local diffusers folder, or an offline "
-                                                         "random-weight test model: tiny:sd15 / tiny:sdxl (small), "
+    pretrained_model_name_or_path: str | None = _f(None, "base: hub id, local diffusers folder, single-file "
+                                                         "checkpoint, toy:shapes (the pretrained 32 px toy base "
+                                                         "shipped in the package), or an offline random-weight "
+                                                         "test model: tiny:sd15 / tiny:sdxl (small), "
                                                          "random:sd15 / random:sdxl (full size)")
     instance_data_dir: str | None = _f(None, "folder of subject photos (3-10 is typical); bundled:dog3 is the "
                                              "DreamBench subject shipped in the package")

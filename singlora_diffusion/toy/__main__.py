@@ -1,0 +1,39 @@
+"""python -m singlora_diffusion.toy pretrain [--quick] [--out DIR] [--threads N]."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m singlora_diffusion.toy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pretrain the toy base (toy:shapes) and write its shipped files")
+    p.add_argument("--out", type=Path, default=None, help="folder of the files (default: the package's "
+                   "assets/toy_shapes, what toy:shapes loads)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long version (what the tests run)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--denoiser_steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    from .base import world_folder
+    from .pretrain import QUICK, PretrainSettings, pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = replace(QUICK if args.quick else PretrainSettings(), seed=args.seed)
+    if args.denoiser_steps:
+        settings = replace(settings, denoiser_steps=args.denoiser_steps)
+    pretrain(args.out or world_folder(), settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
