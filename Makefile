@@ -15,8 +15,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
+# The toy base learns the toy subject (a few minutes on 2 cores), then the before/after picture and
+# the toy scores (outputs/demo/before_after.png, demo_scores.json).
 demo: venv
 	$(PY) train_dreambooth.py --config demo
+	$(PY) -m singlora_diffusion.toy demo outputs/demo
 
 # The web UI's browser test drives Debian's chromium through playwright (playwright's own
 # browser download is not used). Installed here when missing and we may (root + apt-get);

@@ -16,8 +16,10 @@ def test_config_parses_by_name_and_by_path(name):
     assert parse_config(["--config", str(preset_path(name))]) == cfg
 
 
-def test_demo_trains_on_the_bundled_subject_wherever_it_runs():
-    assert parse_config(["--config", "demo"]).instance_data_dir == str(bundled_subject())
+def test_demo_trains_the_toy_base_on_the_bundled_toy_subject_wherever_it_runs():
+    cfg = parse_config(["--config", "demo"])
+    assert cfg.instance_data_dir == str(bundled_subject("toy_subject"))
+    assert (cfg.pretrained_model_name_or_path, cfg.caption_extension, cfg.resolution) == ("toy:shapes", ".txt", 32)
 
 
 @pytest.mark.parametrize("name,rank", [("paper_sd15", 16), ("paper_sd15_r8", 8)])

@@ -39,6 +39,9 @@ def test_webui_training_runs_from_an_installed_wheel(tmp_path):
     wheel = next(wheels.glob("singlora_diffusion-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "singlora_diffusion/configs/demo.yaml" in names and "singlora_diffusion/assets/dog3/00.jpg" in names
+    # the demo's toy base and subject (toy:shapes, bundled:toy_subject) ship in the wheel
+    assert {"singlora_diffusion/assets/toy_shapes/pipeline.safetensors", "singlora_diffusion/assets/toy_shapes/record.json",
+            "singlora_diffusion/assets/toy_subject/sks-0.txt"} <= set(names)
     venv = tmp_path / "fresh"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"

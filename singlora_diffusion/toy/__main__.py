@@ -1,4 +1,9 @@
-"""python -m singlora_diffusion.toy pretrain [--quick] [--out DIR] [--threads N]."""
+"""python -m singlora_diffusion.toy {pretrain,demo}: make the toy base; score and picture the demo.
+
+  pretrain [--quick] [--out DIR] [--threads N]   the toy base's pretraining (toy/pretrain.py)
+  demo OUTPUT_DIR                                after `train_dreambooth.py --config demo`: base vs
+                                                 adapter picture and toy scores (toy/demo.py)
+"""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--denoiser_steps", type=int, default=None)
+    d = sub.add_parser("demo", help="score the demo's adapter against the toy base; draw before_after.png")
+    d.add_argument("output_dir", type=Path, help="the training output folder (outputs/demo)")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from ..dataclass_cli import run_command
+        from .demo import run
+
+        return run_command("demo", lambda: run(args.output_dir))
     import torch
 
     from .base import world_folder

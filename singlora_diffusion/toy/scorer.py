@@ -70,8 +70,9 @@ class ToyScorer:
 
     @torch.no_grad()
     def embed_images(self, sources, batch_size: int = 32, progress=None) -> dict[str, torch.Tensor]:
-        from ..evaluation.scorer import open_image
+        from ..images import load_image
 
+        open_image = lambda s: s if hasattr(s, "convert") else load_image(s)  # a PIL image or a path
         fields = {"dino": [], "clip": [], TEXT_FIELD: []}
         sources = list(sources)
         n_colours = len(world.ALL_COLOURS)
