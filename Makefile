@@ -57,10 +57,11 @@ bench-memory: venv
 gpu-check-dry-run: venv
 	PYTHON=$(PY) bench/gpu_check.sh --dry-run
 
-# The paper-claim reproductions of docs/science.md, in experiments/ (about 1 h 30 min on a CPU).
+# The paper-claim reproductions of docs/science.md, in experiments/ (about 1 h 10 min on a CPU,
+# estimated from the first toy world's run times). The toy-world runs fine-tune the shipped toy
+# base, toy:shapes (`python -m singlora_diffusion.toy pretrain` remakes it).
 science: venv
 	$(PY) -m experiments.attention_toy --seeds 20
-	$(PY) -m experiments.toy_world pretrain
 	$(PY) -m experiments.toy_world sweep
 	$(PY) -m experiments.toy_world ramp
 

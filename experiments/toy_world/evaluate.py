@@ -1,11 +1,13 @@
 """The toy DreamBooth's metrics, on fixed held-out sets so every run is measured alike.
 
-- subject_loss: denoising MSE on 'a sks shape' for fresh renderings of the
-  subject (positions, sizes, backgrounds the training images did not have);
-- feature_sim: mean cosine similarity, in the toy-world extractor's feature
-  space, between generated 'a sks shape' images and real subject images
-  (the DINO score of DreamBench, with our extractor in place of DINO);
-- star_rate: fraction of generated images the extractor calls an orange star;
+- subject_loss: denoising MSE on fresh renderings of the subject (positions, sizes and
+  backgrounds the training images did not have), each with its caption as the bundled
+  subject's are captioned ("a sks shape on a white background");
+- feature_sim: mean cosine similarity, in the toy base's extractor's feature space, between
+  images generated from the instance prompt 'a sks shape' and real subject images (the DINO
+  score of DreamBench, with the toy extractor in place of DINO);
+- subject_rate: fraction of those generated images the extractor calls the subject, its
+  shape and its colour (a magenta cross);
 - class_loss: denoising MSE on ordinary pretraining captions and images;
   prior drift = class_loss(adapted) - class_loss(base).
 Noise and timesteps are drawn once from a fixed seed: differences between
@@ -20,9 +22,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from . import shapes
-from .models import FeatureNet
-from .pretrain import class_dataset, encode_prompts, to_tensor
+from singlora_diffusion.toy import base, world
+from singlora_diffusion.toy.pretrain import class_dataset, encode_prompts, to_tensor
 
 
 @dataclass
@@ -35,18 +36,22 @@ class EvalSizes:
     guidance: float = 4.0
 
 
-def load_extractor(path: Path) -> FeatureNet:
-    net = FeatureNet(len(shapes.ALL_SHAPES), len(shapes.COLOURS) + 1, len(shapes.COLOURS))
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return net.eval()
+@torch.no_grad()
+def called_subject(extractor, images: torch.Tensor) -> torch.Tensor:
+    """Which images the extractor names as the subject's shape in the subject's colour (bool, N)."""
+    shape_logits, colour_logits, _ = extractor(images)
+    return ((shape_logits.argmax(-1) == world.ALL_SHAPES.index(world.SUBJECT_SHAPE))
+            & (colour_logits.argmax(-1) == world.ALL_COLOURS.index("magenta")))
 
 
 class Evaluator:
-    def __init__(self, world: Path, sizes: EvalSizes, seed: int = 12345):
+    def __init__(self, folder: Path, sizes: EvalSizes, seed: int = 12345):
+        """folder: the toy base's files (its extractor scores the runs)."""
         self.sizes = sizes
-        self.extractor = load_extractor(world / "extractor.pt")
+        self.extractor = base.load_extractor(folder)
         rng = random.Random(seed)
-        self.subject = to_tensor([shapes.subject_sample(rng)[0] for _ in range(sizes.subject)])
+        samples = [world.subject_sample(rng) for _ in range(sizes.subject)]
+        self.subject, self.subject_captions = to_tensor([s[0] for s in samples]), [s[1] for s in samples]
         self.classes, self.captions, _ = class_dataset(sizes.classes, seed + 1)
         with torch.no_grad():
             self.subject_features = F.normalize(self.extractor.features(self.subject), dim=-1)
@@ -78,7 +83,7 @@ class Evaluator:
         from singlora_diffusion.generate import render
 
         images = render(pipe, prompt, seed=0, steps=self.sizes.inference_steps, guidance=self.sizes.guidance,
-                        num_images=self.sizes.generated, width=shapes.SIZE, height=shapes.SIZE, output_type="pt")
+                        num_images=self.sizes.generated, width=world.SIZE, height=world.SIZE, output_type="pt")
         return images.float().clamp(0, 1) * 2 - 1
 
     @torch.no_grad()
@@ -86,18 +91,15 @@ class Evaluator:
         """The four metrics; the generated images are appended to `keep` when given."""
         for m in (pipe.unet, pipe.text_encoder, pipe.vae):
             m.eval()
-        generated = self.generate(pipe, shapes.INSTANCE_PROMPT)
+        generated = self.generate(pipe, world.INSTANCE_PROMPT)
         if keep is not None:
             keep.append(generated)
         feats = F.normalize(self.extractor.features(generated), dim=-1)
-        shape_logits, colour_logits, _ = self.extractor(generated)
-        star = shape_logits.argmax(-1) == shapes.ALL_SHAPES.index(shapes.SUBJECT["shape"])
-        orange = colour_logits.argmax(-1) == len(shapes.COLOURS)
         return {
-            "subject_loss": self.denoise_loss(pipe, self.subject, [shapes.INSTANCE_PROMPT] * len(self.subject)),
+            "subject_loss": self.denoise_loss(pipe, self.subject, self.subject_captions),
             "class_loss": self.denoise_loss(pipe, self.classes, self.captions),
             "feature_sim": (feats @ self.subject_features.T).mean().item(),
-            "star_rate": (star & orange).float().mean().item(),
+            "subject_rate": called_subject(self.extractor, generated).float().mean().item(),
         }
 
     def reference(self) -> dict[str, float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 METRICS = {  # name: (label, higher is better)
     "subject_loss": ("subject denoising loss", False),
     "feature_sim": ("feature similarity to subject", True),
-    "star_rate": ("generated = orange star", True),
+    "subject_rate": ("generated = the subject (magenta cross)", True),
     "prior_drift": ("prior drift (class loss - base)", False),
 }
 NAMES = {"singlora": "SingLoRA", "lora": "LoRA", "dora": "DoRA", "loraplus": "LoRA+"}
@@ -51,7 +51,7 @@ def sweep_tables(data: dict) -> str:
     lrs = sorted({k[1] for k in groups})
     base = data["base"]
     lines = [f"Base model (no adapter): subject loss {base['subject_loss']:.4f}, feature similarity "
-             f"{base['feature_sim']:.4f}, orange-star rate {base['star_rate']:.2f}, class loss {base['class_loss']:.4f}; "
+             f"{base['feature_sim']:.4f}, subject rate {base['subject_rate']:.2f}, class loss {base['class_loss']:.4f}; "
              f"real-vs-real feature similarity {data['reference']['feature_sim_real_vs_real']:.4f}.", ""]
     at_init: dict = {}
     for name, m in data.get("singlora_at_init", {}).items():
@@ -59,8 +59,8 @@ def sweep_tables(data: dict) -> str:
     for rank, ms in at_init.items():
         med = lambda k: statistics.median(x[k] for x in ms)  # noqa: E731
         lines += [f"SingLoRA {rank} at initialisation (u = 1, untrained; median of {len(ms)} seeds): subject loss "
-                  f"{med('subject_loss'):.4f}, feature similarity {med('feature_sim'):.4f}, orange-star rate "
-                  f"{med('star_rate'):.2f}, prior drift {med('class_loss') - base['class_loss']:.4f}.", ""]
+                  f"{med('subject_loss'):.4f}, feature similarity {med('feature_sim'):.4f}, subject rate "
+                  f"{med('subject_rate'):.2f}, prior drift {med('class_loss') - base['class_loss']:.4f}.", ""]
     for m, (name, _) in METRICS.items():
         lines += [f"**{name}**: median [q25, q75] over seeds", "",
                   "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | spread across lrs |",
@@ -139,14 +139,15 @@ def ramp_plot(data: dict, path: Path) -> None:
     finish(fig, panels, "Toy DreamBooth: ramp length and initialisation (median, IQR over seeds)", path)
 
 
-def report(command: str, data: dict, world: Path, plots: Path) -> None:
+def report(command: str, data: dict, out: Path, plots: Path) -> None:
+    """<out>/<command>.md and the plots; `out` holds the results and their samples/."""
     plots.mkdir(parents=True, exist_ok=True)
     text = sweep_tables(data) if command == "sweep" else ramp_tables(data)
-    (world / f"{command}.md").write_text(text + "\n")
+    (out / f"{command}.md").write_text(text + "\n")
     (sweep_plot if command == "sweep" else ramp_plot)(data, plots / f"toy_world_{command}.png")
-    samples_figure(data, world, plots / f"toy_world_{command}_samples.png", command)
+    samples_figure(data, out, plots / f"toy_world_{command}_samples.png", command)
     print(text)
-    print(f"tables: {world / f'{command}.md'}; plot: {plots / f'toy_world_{command}.png'}")
+    print(f"tables: {out / f'{command}.md'}; plot: {plots / f'toy_world_{command}.png'}")
 
 
 def first_four(path: Path):
@@ -156,7 +157,7 @@ def first_four(path: Path):
         return im.crop((0, 0, min(im.width, 4 * im.height), im.height))
 
 
-def samples_figure(data: dict, world: Path, path: Path, command: str) -> None:
+def samples_figure(data: dict, out: Path, path: Path, command: str) -> None:
     """Generated 'a sks shape' images of the first seed: one row per method (sweep) or setting (ramp)."""
     from experiments.plotting import plt, save
 
@@ -177,14 +178,14 @@ def samples_figure(data: dict, world: Path, path: Path, command: str) -> None:
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    base = world / "samples" / "base.png"
+    base = out / "samples" / "base.png"
     if base.is_file():
         axes[0, 0].imshow(first_four(base))
         axes[0, 0].set_title("base model", fontsize=7)
     for i, row in enumerate(rows, start=1):
         for j, col in enumerate(cols):
             run = at.get((row, col))
-            file = world / "samples" / f"{key(run)}.png" if run else None
+            file = out / "samples" / f"{key(run)}.png" if run else None
             if file is not None and file.is_file():
                 axes[i, j].imshow(first_four(file))
             if i == 1:
@@ -192,29 +193,4 @@ def samples_figure(data: dict, world: Path, path: Path, command: str) -> None:
         axes[i, 0].text(-0.05, 0.5, row.split(" (")[0], transform=axes[i, 0].transAxes, ha="right", va="center",
                         fontsize=7)
     fig.suptitle("'a sks shape' after fine-tuning (first seed, first 4 images)", fontsize=9)
-    save(fig, path)
-
-
-PRETRAIN_PROMPTS = ["a red circle on a blue background", "a green square on a white background",
-                    "a yellow triangle on a black background", "a blue diamond on a yellow background",
-                    "a white circle on a green background", "a black square on a red background",
-                    "a sks shape"]
-
-
-def pretrain_figure(world: Path, path: Path) -> None:
-    """What pretraining learned: 4 samples per caption, and the subject's prompt before fine-tuning."""
-    import torch
-
-    from experiments.plotting import plt, save
-    from singlora_diffusion.generate import render
-    from singlora_diffusion.pipelines import load_pipeline
-
-    pipe = load_pipeline(str(world / "model"))
-    fig, axes = plt.subplots(len(PRETRAIN_PROMPTS), 1, figsize=(4.6, 0.95 * len(PRETRAIN_PROMPTS)))
-    for ax, prompt in zip(axes, PRETRAIN_PROMPTS):
-        images = render(pipe, prompt, seed=0, steps=20, guidance=4.0, num_images=4, width=32, height=32,
-                        output_type="pt")
-        ax.imshow(torch.cat(list(images.clamp(0, 1)), dim=2).permute(1, 2, 0).numpy())
-        ax.set_title(prompt, fontsize=7)
-        ax.axis("off")
     save(fig, path)
