@@ -102,7 +102,7 @@ def test_the_toy_scorer_knows_the_subject_and_the_backgrounds():
     emb = scorer.embed_images([s[0] for s in subject + known])
     pair = emb["clip"].argmax(-1)
     n_colours = len(world.ALL_COLOURS)
-    subject_pair = world.ALL_SHAPES.index(world.SUBJECT_SHAPE) * n_colours + world.ALL_COLOURS.index("magenta")
+    subject_pair = world.ALL_SHAPES.index(world.SUBJECT_SHAPE) * n_colours + world.ALL_COLOURS.index(world.SUBJECT_COLOUR_NAME)
     called = pair == subject_pair
     assert called[:64].float().mean() >= 0.95 and called[64:].float().mean() <= 0.05
     truth = torch.tensor([s[2][2] for s in subject + known])

@@ -99,7 +99,7 @@ def test_a_missing_world_names_the_command_that_makes_it(tmp_path):
 def test_subject_rate_counts_the_subjects_shape_in_its_colour():
     from torch.nn import functional as F
 
-    from experiments.toy_world.evaluate import called_subject
+    from singlora_diffusion.toy.models import called_subject
 
     shapes, colours = ["cross", "cross", "circle"], ["magenta", "red", "magenta"]
     logits = [F.one_hot(torch.tensor([names.index(n) for n in picked]), len(names)).float()

@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from singlora_diffusion.toy import base, world
+from singlora_diffusion.toy.models import called_subject
 from singlora_diffusion.toy.pretrain import class_dataset, encode_prompts, to_tensor
 
 
@@ -36,12 +37,6 @@ class EvalSizes:
     guidance: float = 4.0
 
 
-@torch.no_grad()
-def called_subject(extractor, images: torch.Tensor) -> torch.Tensor:
-    """Which images the extractor names as the subject's shape in the subject's colour (bool, N)."""
-    shape_logits, colour_logits, _ = extractor(images)
-    return ((shape_logits.argmax(-1) == world.ALL_SHAPES.index(world.SUBJECT_SHAPE))
-            & (colour_logits.argmax(-1) == world.ALL_COLOURS.index("magenta")))
 
 
 class Evaluator:

@@ -56,3 +56,11 @@ class FeatureNet(nn.Module):
         """Logits of (shape, colour, background); colour indexes world.ALL_COLOURS, background world.COLOURS."""
         f = self.features(x)
         return [head(f) for head in self.heads]
+
+
+@torch.no_grad()
+def called_subject(extractor: FeatureNet, images: torch.Tensor) -> torch.Tensor:
+    """Which images the extractor names as the subject's shape in the subject's colour (bool, N)."""
+    shape_logits, colour_logits, _ = extractor(images)
+    return ((shape_logits.argmax(-1) == world.ALL_SHAPES.index(world.SUBJECT_SHAPE))
+            & (colour_logits.argmax(-1) == world.ALL_COLOURS.index(world.SUBJECT_COLOUR_NAME)))

@@ -27,14 +27,14 @@ import torch
 from torch.nn import functional as F
 
 from . import world
-from .models import FeatureNet, build_pipeline
+from .models import FeatureNet, build_pipeline, called_subject
 
 
 @dataclass
 class PretrainSettings:
     n_images: int = 16000        # captioned pretraining images (fixed set)
     vae_steps: int = 800
-    denoiser_steps: int = 6000
+    denoiser_steps: int = 3500
     extractor_steps: int = 2000
     batch: int = 32
     lr: float = 1e-3
@@ -176,7 +176,7 @@ def extractor_accuracy(net: FeatureNet, images, labels) -> dict[str, float]:
     acc = {name: (p == labels[:, k]).float().mean().item() for k, (name, p) in
            enumerate(zip(("shape", "colour", "background"), preds))}
     subject = labels[:, 0] == world.ALL_SHAPES.index(world.SUBJECT_SHAPE)
-    called = (preds[0] == world.ALL_SHAPES.index(world.SUBJECT_SHAPE)) & (preds[1] == world.ALL_COLOURS.index("magenta"))
+    called = called_subject(net, images)
     acc["subject_recall"] = called[subject].float().mean().item()
     acc["subject_false_positive"] = called[~subject].float().mean().item()
     return acc

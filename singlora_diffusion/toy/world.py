@@ -21,9 +21,9 @@ SHAPES = ("circle", "square", "triangle", "diamond")          # seen in pretrain
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220),
            "yellow": (240, 220, 40), "white": (245, 245, 245), "black": (20, 20, 20)}
 # The subject: a shape and a colour pretraining never drew, bound to "sks" ("a sks shape").
-SUBJECT_SHAPE, SUBJECT_COLOUR = "cross", (200, 40, 190)        # magenta
+SUBJECT_SHAPE, SUBJECT_COLOUR_NAME, SUBJECT_COLOUR = "cross", "magenta", (200, 40, 190)
 ALL_SHAPES = SHAPES + (SUBJECT_SHAPE,)
-ALL_COLOURS = tuple(COLOURS) + ("magenta",)                    # what the extractor names
+ALL_COLOURS = tuple(COLOURS) + (SUBJECT_COLOUR_NAME,)          # what the extractor names
 IDENTIFIER, CLASS_WORD = "sks", "shape"
 INSTANCE_PROMPT = f"a {IDENTIFIER} {CLASS_WORD}"
 
@@ -92,7 +92,7 @@ def subject_sample(rng: random.Random, background: str | None = None) -> tuple[I
     """The subject on a known background (random unless given), its caption and labels."""
     background = background or rng.choice(list(COLOURS))
     image = draw(SUBJECT_SHAPE, SUBJECT_COLOUR, COLOURS[background], rng)
-    return image, subject_caption(background), (ALL_SHAPES.index(SUBJECT_SHAPE), ALL_COLOURS.index("magenta"),
+    return image, subject_caption(background), (ALL_SHAPES.index(SUBJECT_SHAPE), ALL_COLOURS.index(SUBJECT_COLOUR_NAME),
                                                 ALL_COLOURS.index(background))
 
 
