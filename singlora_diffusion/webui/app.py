@@ -65,8 +65,7 @@ def _generate_tab(gr, cb, one_line: dict) -> None:
     strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Adapter strength")
     prompt = gr.Textbox(label="Prompt", value=suited.prompt)
     gr.Examples([[suited.prompt], [suited.subject_prompt]], inputs=[prompt], api_visibility="private",
-                label="Prompts to try: the first the base draws; the second names the subject (pick an adapter, "
-                      "then Compare with base)")
+                label="Prompts to try (with an adapter picked, Compare with base shows what it adds)")
     negative = gr.Textbox(label="Negative prompt")
     with gr.Row():
         steps = gr.Number(value=suited.steps, label="Steps", precision=0)

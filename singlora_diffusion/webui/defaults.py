@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..bundled import BUNDLED_PREFIX
 from ..pipelines import TOY_BASE
+from ..toy import world
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,10 @@ class BaseProfile:
     scorer: str           # EvalConfig.scorer: "toy" scores toy-world images, DreamBench's models cannot
 
 
-def _toy() -> BaseProfile:
-    from ..toy import world
-
-    # 20 steps at guidance 4: what the toy world's evaluation renders with (experiments/toy_world)
-    return BaseProfile(prompt=world.caption("circle", "red", "blue"), subject_prompt=world.subject_caption("blue"),
-                       steps=20, guidance=4.0, eval_subject=f"{BUNDLED_PREFIX}toy_subject", eval_class=world.CLASS_WORD,
-                       scorer="toy")
+# 20 steps at guidance 4: what the toy world's evaluation renders with (experiments/toy_world)
+TOY = BaseProfile(prompt=world.caption("circle", "red", "blue"), subject_prompt=world.subject_caption("blue"),
+                  steps=20, guidance=4.0, eval_subject=f"{BUNDLED_PREFIX}toy_subject", eval_class=world.CLASS_WORD,
+                  scorer="toy")
 
 
 # SD's usual guidance (GenerateRequest's and EvalConfig's default too); the subject is the README's dog
@@ -39,4 +37,4 @@ REAL = BaseProfile(prompt="a photo of sks dog", subject_prompt="a photo of sks d
 
 def profile(base: str) -> BaseProfile:
     """The toy base's profile for toy:shapes, the real one for any other base (tiny:sd15 included)."""
-    return _toy() if str(base) == TOY_BASE else REAL
+    return TOY if str(base) == TOY_BASE else REAL
