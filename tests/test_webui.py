@@ -255,7 +255,7 @@ def test_path_traversal_is_refused(ui):
     (dict(n=1e9), "num images must be a whole number from 1 to 8"),
     (dict(guidance=31), "guidance must be between 0 and 30"),
     (dict(width=70), "width must be divisible by 8"),
-    (dict(height=100000), "height must be a whole number from 64 to 2048"),
+    (dict(height=100000), "height must be a whole number from 32 to 2048"),
     (dict(strength=3.0), "greater than maximum value 1.5"),  # the slider itself refuses
 ])
 def test_bad_input_gets_a_message(ui, overrides, message):
@@ -321,8 +321,8 @@ def test_train_and_evaluate_fields_are_bounded_and_failed_starts_leave_no_folder
     before = runs()
     with pytest.raises(Exception, match="steps must be a whole number from 1 to 100000"):
         train(client, steps=1e9)
-    with pytest.raises(Exception, match="Upload 3-10 photos or give a folder"):
-        train(client, folder="")
+    with pytest.raises(Exception, match="Upload 3-10 photos or give a folder"):  # the demo's: its own subject
+        train(client, folder="", preset="sd15")
     assert runs() == before
     with pytest.raises(Exception, match="images per prompt must be a whole number from 1 to 8"):
         client.predict("dog.safetensors", "eval_subject", "dog", "", 1e9, 2, True, api_name="/evaluate")
@@ -450,3 +450,62 @@ def test_evaluate_tab_shows_the_metric_table_and_plot(ui):
         client.predict("dog.safetensors", "../..", "dog", "", 1, 2, True, api_name="/evaluate")
     with pytest.raises(Exception, match="(?i)weights"):  # offline without real scoring weights: a clear message
         client.predict("dog.safetensors", "eval_subject", "dog", "a {0} {1}", 1, 2, False, api_name="/evaluate")
+
+
+# -- the default base: the toy base, with the defaults that suit it ----------------------
+def values_by_label(app) -> dict:
+    """{label: starting value} of the app's form controls (the first control of each label: the Generate tab's)."""
+    found = {}
+    for block in app.blocks.values():
+        label = getattr(block, "label", None)
+        if isinstance(label, str) and hasattr(block, "value"):
+            found.setdefault(label, block.value)
+    return found
+
+
+def test_the_web_ui_starts_on_the_toy_base(monkeypatch):
+    import inspect
+
+    from singlora_diffusion.pipelines import TOY_BASE
+    from singlora_diffusion.webui import app as app_module
+
+    assert inspect.signature(app_module.build_app).parameters["base"].default == TOY_BASE
+    assert app_module.build_parser().parse_args([]).base == TOY_BASE
+    seen = []
+
+    class Launched:  # what main builds, without a server
+        def launch(self, **settings):
+            seen.append("launched")
+    monkeypatch.setattr(app_module, "build_app", lambda base, *args, **kwargs: seen.append(base) or Launched())
+    assert app_module.main([]) == 0 and seen == [TOY_BASE, "launched"]
+
+
+def test_the_toy_base_app_starts_with_toy_prompts_its_32_px_and_the_toy_subject(tmp_path):
+    """Built on toy:shapes: the toy defaults reach the controls, and a 32 px image renders."""
+    from PIL import Image
+
+    from singlora_diffusion.pipelines import TOY_BASE
+    from singlora_diffusion.toy import world
+    from singlora_diffusion.webui import handlers
+    from singlora_diffusion.webui.app import build_app
+    from singlora_diffusion.webui.defaults import profile
+
+    app = build_app(base=TOY_BASE, adapters_dir=tmp_path / "adapters")
+    values, toy = values_by_label(app), profile(TOY_BASE)
+    assert values["Prompt"] == toy.prompt and values["Guidance"] == 4.0 and values["Steps"] == 20
+    assert values["Width"] == values["Height"] == world.SIZE  # the toy base's own 32 px
+    examples = next(b for b in app.blocks.values() if type(b).__name__ == "Dataset")
+    assert [row[0] for row in examples.samples] == [toy.prompt, world.subject_caption("blue")]
+    evaluate_subject = next(v for k, v in values.items() if k.startswith("Subject photos: a folder"))
+    assert evaluate_subject == "bundled:toy_subject"
+    assert values["Instance prompt"] == "" and values["Preset"] == "demo"  # blank: the demo's own "a sks shape"
+    req = GenerateRequest(toy.prompt, steps=2, guidance=toy.guidance, width=world.SIZE, height=world.SIZE)
+    (path, _), = handlers.generate(app.app_state, req)
+    assert Image.open(path).size == (32, 32)
+
+
+def test_a_real_base_keeps_the_real_defaults(ui):
+    _, app, _, _ = ui  # tiny:sd15's folder: no toy defaults
+    values = values_by_label(app)
+    assert (values["Prompt"], values["Guidance"], values["Width"]) == ("a photo of sks dog", 7.5, 64)
+    assert values["Class"] == "dog"

@@ -9,12 +9,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..pipelines import TOY_BASE
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", work_dir: str | Path | None = None,
+def build_app(base: str = TOY_BASE, adapters_dir: str | Path = "outputs", work_dir: str | Path | None = None,
               max_request_seconds: float | None = None):
-    """The Gradio app; app.engine is the loaded model, app.app_state what every handler shares (handlers.AppState)."""
+    """The Gradio app; app.engine is the loaded model, app.app_state what every handler shares (handlers.AppState).
+
+    The forms start at values that suit `base` (defaults.py: the toy base's shapes, or a real base's dog).
+    """
     import gradio as gr
 
     from .callbacks import Callbacks
@@ -41,12 +46,15 @@ def build_app(base: str = "tiny:sd15", adapters_dir: str | Path = "outputs", wor
 
 
 def _generate_tab(gr, cb, one_line: dict) -> None:
+    from .defaults import profile
     from .handlers import picker_choices
 
     engine = cb.state.engine
+    suited = profile(engine.base)
     native = engine.pipe.unet.config.sample_size * engine.pipe.vae_scale_factor  # the model's own size
     with gr.Row():
-        base_box = gr.Textbox(value=engine.base, label="Base model (hub id, local folder, or tiny:sd15)")
+        base_box = gr.Textbox(value=engine.base, label=f"Base model (hub id, local folder, single-file checkpoint, "
+                                                       f"or {TOY_BASE})")
         base_btn = gr.Button("Load base")
     with gr.Row():
         adapter = gr.Dropdown(choices=picker_choices(cb.state), value="", label="Adapter", allow_custom_value=False)
@@ -55,11 +63,13 @@ def _generate_tab(gr, cb, one_line: dict) -> None:
         partial = gr.Checkbox(label="Load files that fit this base only in part", value=False)
     status = gr.Markdown(cb.status())
     strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Adapter strength")
-    prompt = gr.Textbox(label="Prompt", value="a photo of sks dog")
+    prompt = gr.Textbox(label="Prompt", value=suited.prompt)
+    gr.Examples([[suited.prompt], [suited.subject_prompt]], inputs=[prompt], api_visibility="private",
+                label="Prompts to try (with an adapter picked, Compare with base shows what it adds)")
     negative = gr.Textbox(label="Negative prompt")
     with gr.Row():
-        steps = gr.Number(value=20, label="Steps", precision=0)
-        guidance = gr.Number(value=7.5, label="Guidance")
+        steps = gr.Number(value=suited.steps, label="Steps", precision=0)
+        guidance = gr.Number(value=suited.guidance, label="Guidance")
         seed = gr.Number(value=0, label="Seed", precision=0)
         dice = gr.Button("Random seed")
         n = gr.Number(value=1, label="Images", precision=0)
@@ -87,17 +97,20 @@ def _train_tab(gr, cb) -> None:
 
     from ..config import ADAPTERS
     from .handlers import optimizer_note
-    from .jobs import offered_optimizers, trainer_default
+    from .jobs import bucket_default, offered_optimizers, preset_setting, preset_subject, trainer_default
     from .requests import MAX_CAPTION_BYTES, TrainRequest
 
     photos = gr.File(label=f"Subject photos (3-10), and captions if you like: a.txt (UTF-8, up to "
-                           f"{MAX_CAPTION_BYTES // 2**10} KB) describes a.jpg", file_count="multiple",
+                           f"{MAX_CAPTION_BYTES // 2**10} KB) describes a.jpg. None, and no folder: the preset's "
+                           f"own subject (demo: {preset_subject('demo')})", file_count="multiple",
                      file_types=["image", ".txt"])
-    folder = gr.Textbox(label="...or a folder inside the adapters folder (a.txt beside a.jpg is its caption)")
+    folder = gr.Textbox(label="...or a folder inside the adapters folder, or a shipped one (bundled:toy_subject); "
+                              "a.txt beside a.jpg is its caption")
     s = {}  # TrainRequest's fields -> their controls
     with gr.Row():
-        s["instance_prompt"] = gr.Textbox(label="Instance prompt", value="a photo of sks dog")
-        s["class_name"] = gr.Textbox(label="Class", value="dog")
+        s["instance_prompt"] = gr.Textbox(label="Instance prompt", value="", placeholder=(
+            f"blank: the preset's (demo: {preset_setting('demo', 'instance_prompt')})"))
+        s["class_name"] = gr.Textbox(label="Class (for class images; the demo trains without)", value="")
         s["preset"] = gr.Dropdown(["demo", "sd15", "sdxl", "paper"], value="demo", label="Preset")
         s["steps"] = gr.Number(value=300, label="Steps", precision=0)
     with gr.Row():
@@ -116,13 +129,12 @@ def _train_tab(gr, cb) -> None:
         s["use_ema"] = gr.Checkbox(label="EMA of the adapter weights (validation and the saved adapter use it)")
     with gr.Accordion("Advanced: buckets and EMA (0: the trainer's defaults)", open=False):
         with gr.Row():
-            s["min_bucket_reso"] = gr.Number(value=None, precision=0, label=(
-                f"Smallest bucket side (0: {trainer_default('min_bucket_reso')}, or the preset's resolution "
-                f"if smaller)"))
+            s["min_bucket_reso"] = gr.Number(value=None, precision=0,
+                                             label=f"Smallest bucket side (0: {bucket_default('min_bucket_reso')})")
             s["max_bucket_reso"] = gr.Number(value=None, precision=0,
-                                             label=f"Largest bucket side (0: {trainer_default('max_bucket_reso')})")
+                                             label=f"Largest bucket side (0: {bucket_default('max_bucket_reso')})")
             s["bucket_reso_steps"] = gr.Number(value=None, precision=0, label=(
-                f"Bucket sides are multiples of (0: {trainer_default('bucket_reso_steps')})"))
+                f"Bucket sides are multiples of (0: {bucket_default('bucket_reso_steps')})"))
             s["ema_decay"] = gr.Number(value=None, label=f"EMA decay (0: {trainer_default('ema_decay')})")
     with gr.Row():
         train_btn = gr.Button("Train", variant="primary")
@@ -143,18 +155,24 @@ def _train_tab(gr, cb) -> None:
 
 
 def _evaluate_tab(gr, cb, one_line: dict) -> None:
+    from .defaults import profile
     from .handlers import list_adapters
 
+    suited = profile(cb.state.engine.base)
     gr.Markdown("DINO, CLIP-I and CLIP-T as the DreamBench protocol defines them (see docs/evaluation.md). "
                 "Real scoring weights come from timm/open_clip (downloaded once, or local files via "
-                "eval/evaluate.py); offline, only a smoke test with random weights can run.")
+                "eval/evaluate.py); offline, only a smoke test with random weights can run. "
+                f"On the toy base ({TOY_BASE}) the toy world's own scorer measures subject similarity, subject "
+                "classified and background as prompted: toy-world scores, not DreamBench's.")
     with gr.Row():
         eval_adapter = gr.Dropdown(choices=list_adapters(cb.state.adapters_dir), label="Adapter")
         eval_refresh = gr.Button("Refresh list")
-        eval_subject = gr.Textbox(label="Subject photos: a folder inside the adapters folder")
-        eval_class = gr.Textbox(label="Class", value="dog")
+        eval_subject = gr.Textbox(label="Subject photos: a folder inside the adapters folder, or a shipped one "
+                                        "(bundled:toy_subject)", value=suited.eval_subject)
+        eval_class = gr.Textbox(label="Class", value=suited.eval_class)
     eval_prompts = gr.Textbox(label="Prompts, one per line with {0} = identifier, {1} = class "
-                                    "(empty: the 25 DreamBench prompts)", lines=3)
+                                    "(empty: the 25 DreamBench prompts; on the toy base the subject on each "
+                                    "toy background)", lines=3)
     with gr.Row():
         eval_n = gr.Number(value=1, label="Images per prompt", precision=0)
         eval_steps = gr.Number(value=20, label="Steps", precision=0)
@@ -177,16 +195,21 @@ def exposure_warning(host: str, share: bool) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="webui/app.py", description=__doc__.splitlines()[0])
-    p.add_argument("--base", default="tiny:sd15", help="hub id, local diffusers folder, or tiny:sd15 (offline)")
+    p.add_argument("--base", default=TOY_BASE, help=f"hub id, local diffusers folder, single-file checkpoint, or a "
+                   f"test name; default {TOY_BASE}, the pretrained toy base shipped in the package (offline)")
     p.add_argument("--adapters_dir", default="outputs", help="where adapters are listed from and runs go")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="public gradio.live link (opt-in)")
     p.add_argument("--max_request_seconds", type=float, default=None,
                    help="refuse a generation estimated to run longer (default 600, at this machine's measured speed)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     warning = exposure_warning(args.host, args.share)
     if warning:
         print(warning, file=sys.stderr)

@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bundled import resolve_data_dir
 from ..files import write_text
+from .defaults import profile
 from .engine import MAX_REQUEST_SECONDS, Engine
 from .jobs import (PRESETS, PRODIGY_LR, TrainingJob, check_args, class_args, optimizer_problems, optimizers,
-                   thread_share, trainer_args)
+                   preset_subject, thread_share, trainer_args)
 from .requests import (CAPTION_SUFFIX, MAX_IMAGES, MAX_STEPS, BadRequest, GenerateRequest, TrainRequest,
-                       captions_beside, confine, scrub_paths, split_upload, unique_dir, whole)
+                       captions_beside, confine, scrub_paths, split_upload, subject_folder, unique_dir, whole)
 
 
 @dataclass
@@ -125,23 +127,29 @@ def cancel_generation(state: AppState) -> str:
 
 
 # -- Train tab ---------------------------------------------------------------------------
-def _training_folder(state: AppState, photos, folder: str) -> Path | None:
-    """The typed folder of subject photos, checked; None when photos were uploaded instead."""
+def _training_subject(state: AppState, photos, folder: str, preset: str) -> Path | str | None:
+    """The run's photos when none were uploaded (None when they were): the typed folder (inside
+    the adapters folder, or bundled:NAME), else the preset's own subject (bundled:NAME, the demo's
+    toy subject), as the trainer takes the YAML's when no flag overrides it."""
     if photos:
         return None
-    if not folder:
-        raise BadRequest("Upload 3-10 photos or give a folder.")
-    data = confine(state.adapters_dir, folder)
-    if not data.is_dir():
-        raise BadRequest(f"{folder!r} is not a folder inside the adapters folder.")
-    return data
+    if folder:
+        data = subject_folder(state.adapters_dir, folder)
+        if not data.is_dir():
+            raise BadRequest(f"{folder!r} is not a folder inside the adapters folder.")
+        return data
+    own = preset_subject(preset)
+    if own is None:
+        raise BadRequest(f"Upload 3-10 photos or give a folder (the {preset} preset ships no subject of its own).")
+    return own
 
 
 def start_training(state: AppState, photos, folder: str, req: TrainRequest) -> str:
     """Start a training run in a background process, in a run folder of its own under runs/.
 
     Uploaded captions (a.txt for a.jpg) are saved beside their images and the run reads them
-    (--caption_extension .txt); so does a typed folder with captions beside its images.
+    (--caption_extension .txt); so does a typed folder, or the preset's own subject, with
+    captions beside its images. No photos and no folder: the preset's own subject, if it has one.
     """
     if state.training():
         raise BadRequest("A training run is already going; cancel it or wait.")
@@ -152,13 +160,13 @@ def start_training(state: AppState, photos, folder: str, req: TrainRequest) -> s
     if req.optimizer in optimizer_problems():
         raise BadRequest(f"{optimizer_problems()[req.optimizer]}; pick another optimizer.")
     extra = class_args(req.preset, req.class_name, state.adapters_dir)
-    data = _training_folder(state, photos, folder)
+    data = _training_subject(state, photos, folder, req.preset)
     if data is None:
         images, captions = split_upload([_uploaded(f) for f in photos])
         if not images:
             raise BadRequest("Only captions were uploaded; upload the subject photos with them.")
     else:
-        images, captions = None, captions_beside(data)
+        images, captions = None, captions_beside(Path(resolve_data_dir(str(data))))
     photo_dir = data or Path("photos")  # the run's own folder; its final path is known once the run folder is
     check_args(trainer_args(req, photo_dir, bool(captions), extra))  # the trainer's own checks, before any folder
     # everything checked: only now a run folder exists
@@ -171,7 +179,8 @@ def start_training(state: AppState, photos, folder: str, req: TrainRequest) -> s
         for stem, text in captions.items():  # the checked text, as UTF-8, where the trainer looks: a.jpg -> a.txt
             write_text(data / f"{stem}{CAPTION_SUFFIX}", text + "\n")
     state.job = TrainingJob(run, trainer_args(req, data, bool(captions), extra), threads=state.trainer_threads)
-    return f"Training in {run.relative_to(state.adapters_dir)} ..." + (
+    on = f" on the {req.preset} preset's own subject ({data})" if isinstance(data, str) else ""
+    return f"Training in {run.relative_to(state.adapters_dir)}{on} ..." + (
         f" ({len(captions)} caption{'s' * (len(captions) > 1)})" if captions else "")
 
 
@@ -214,24 +223,30 @@ def cancel_training(state: AppState) -> str:
 # -- Evaluate tab ------------------------------------------------------------------------
 def run_evaluation(state: AppState, adapter_name: str, subject: str, class_name: str, prompts_text: str,
                    num_images, steps, random_weights: bool) -> tuple[str, str, str]:
-    """(report.md's text, per_prompt.png, grid.png) of a DreamBench evaluation in evaluations/<time>/."""
+    """(report.md's text, per_prompt.png, grid.png) of an evaluation in evaluations/<time>/.
+
+    DreamBench's metrics, or on the toy base the toy scorer's (defaults.py decides, by base).
+    """
     if not adapter_name:
         raise BadRequest("Pick an adapter to evaluate.")
     num_images = whole("images per prompt", num_images, 1, MAX_IMAGES)
     steps = whole("steps", steps, 1, MAX_STEPS)
-    subject_dir = confine(state.adapters_dir, subject) if subject else None
+    subject_dir = subject_folder(state.adapters_dir, subject) if subject else None
     if subject_dir is None or not subject_dir.is_dir():
-        raise BadRequest("Give the folder of the subject's real photos inside the adapters folder.")
+        raise BadRequest("Give the folder of the subject's real photos inside the adapters folder "
+                         "(or a shipped one: bundled:toy_subject, bundled:dog3).")
     adapter = confine(state.adapters_dir, adapter_name)
     from ..evaluation import EvalConfig, evaluate  # the scoring models' packages load only when used
 
     out = unique_dir(state.adapters_dir / "evaluations", time.strftime("%Y%m%d-%H%M%S"))
-    prompts = "dreambench"
+    prompts = "dreambench"  # EvalConfig's default list: DreamBench's, or the toy one with the toy scorer
     if (prompts_text or "").strip():
         prompts = str(write_text(out / "prompts.txt", prompts_text.strip() + "\n"))
+    suited = profile(state.engine.base)
     # the evaluation's own errors (a missing scoring model, a bad photo) are UserErrors: shown as they are
     cfg = EvalConfig(out=str(out), subject_dir=str(subject_dir), class_name=class_name or None,
                      adapter=str(adapter), base=state.engine.base, prompts=prompts, num_images=num_images,
-                     steps=steps, allow_random_weights=bool(random_weights))
+                     steps=steps, guidance=suited.guidance, scorer=suited.scorer,
+                     allow_random_weights=bool(random_weights))
     files = evaluate(cfg)
     return files["report.md"].read_text(), str(files["per_prompt.png"]), str(files["grid.png"])

@@ -7,6 +7,7 @@ in a process of its own.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bundled import BUNDLED_PREFIX
 from ..files import read_progress
 from ..training.config import PRODIGY_LR  # the trainer's learning rate for prodigy
 from .requests import CAPTION_SUFFIX, BadRequest, TrainRequest
@@ -65,26 +67,71 @@ def class_args(preset: str, class_name: str | None, adapters_dir: Path) -> list[
     sd15): a cat subject must not train against them, so the folder follows the class.
     Class images are generated once per class and reused by later runs.
     """
-    from ..training import load_yaml
-
     name = (class_name or "").strip()
     if not name:
-        if load_yaml(PRESETS[preset]).get("with_prior_preservation"):
+        if preset_setting(preset, "with_prior_preservation"):
             raise BadRequest(f"The {preset} preset uses prior preservation: give the subject's class, e.g. 'dog'.")
         return []
     slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "class"
     return ["--class_prompt", f"a photo of {name}", "--class_data_dir", str(adapters_dir / "class_images" / slug)]
 
 
-def trainer_args(req: TrainRequest, data: Path, captions: bool, extra: list[str]) -> list[str]:
+def preset_setting(preset: str, name: str):
+    """A shipped preset's value of one setting, else the trainer's default."""
+    from ..training import load_yaml
+
+    return load_yaml(PRESETS[preset]).get(name, trainer_default(name))
+
+
+def preset_subject(preset: str) -> str | None:
+    """The preset's own subject when it ships one (bundled:NAME; the demo's is bundled:toy_subject).
+
+    A run given no photos trains on it, as the trainer does when no --instance_data_dir flag
+    overrides the YAML's (defaults < YAML < flags). Other presets name a placeholder
+    (path/to/your/photos): None, the user must give photos.
+    """
+    value = preset_setting(preset, "instance_data_dir")
+    return value if isinstance(value, str) and value.startswith(BUNDLED_PREFIX) else None
+
+
+BUCKET_FIELDS = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
+
+
+def small_preset_buckets(resolution: int, step: int | None = None) -> dict[str, int]:
+    """Bucket settings for a preset whose resolution is under the trainer's smallest bucket side.
+
+    The trainer's defaults (256 .. 1024 in steps of 64) are kohya's for 512 px and cannot hold
+    the demo's 32 px. Scaled by resolution / 512, the step rounded up to a multiple of 8 (the
+    VAE's factor), the range's ends to multiples of the step around the resolution: 16 .. 64 in
+    steps of 8 at 32 px, so a photo that is not square still gets a bucket of its own shape.
+    `step`: the user's, when given (the ends are then its multiples). {} for any other preset:
+    the trainer's defaults stand.
+    """
+    low, high, default_step = (trainer_default(name) for name in BUCKET_FIELDS)
+    if resolution >= low:
+        return {}
+    scale = resolution / trainer_default("resolution")
+    step = step or max(8, math.ceil(default_step * scale / 8) * 8)
+    return {"min_bucket_reso": max(step, math.floor(low * scale / step) * step),
+            "max_bucket_reso": max(resolution, math.ceil(high * scale / step) * step), "bucket_reso_steps": step}
+
+
+def bucket_default(name: str) -> str:
+    """What a bucket field left at 0 means, for the Train tab's label: "256; demo: 16"."""
+    scaled = {preset: small_preset_buckets(preset_setting(preset, "resolution")) for preset in PRESETS}
+    return "; ".join([str(trainer_default(name))] + [f"{preset}: {b[name]}" for preset, b in scaled.items() if b])
+
+
+def trainer_args(req: TrainRequest, data: Path | str, captions: bool, extra: list[str]) -> list[str]:
     """The trainer's command line for a checked Train-tab request (TrainingJob adds --output_dir).
 
-    Settings left blank are left out: the preset's YAML (or the trainer's default) fills them.
+    `data`: the photos' folder, or the preset's own subject (bundled:NAME). Settings left blank
+    are left out: the preset's YAML (or the trainer's default) fills them.
     """
-    # --flag=value for the typed prompt: a prompt that starts with "-" must not read as a flag
-    args = ["--config", PRESETS[req.preset], "--instance_data_dir", str(data),
-            f"--instance_prompt={req.instance_prompt}", "--max_train_steps", str(req.steps), "--adapter", req.adapter,
-            "--optimizer", req.optimizer]
+    args = ["--config", PRESETS[req.preset], "--instance_data_dir", str(data), "--max_train_steps", str(req.steps),
+            "--adapter", req.adapter, "--optimizer", req.optimizer]
+    if req.instance_prompt:  # --flag=value: a prompt that starts with "-" must not read as a flag
+        args.append(f"--instance_prompt={req.instance_prompt}")
     lr = req.learning_rate
     if lr is None and req.optimizer == "prodigy":
         lr = PRODIGY_LR  # the preset's learning rate is AdamW's (1e-3): as Prodigy's multiplier it would stall it
@@ -93,10 +140,8 @@ def trainer_args(req: TrainRequest, data: Path, captions: bool, extra: list[str]
         given["loraplus_lr_ratio"] = req.loraplus_lr_ratio
     if req.enable_bucket:
         args.append("--enable_bucket")
-        given.update(min_bucket_reso=req.min_bucket_reso, max_bucket_reso=req.max_bucket_reso,
-                     bucket_reso_steps=req.bucket_reso_steps)
-        if req.min_bucket_reso is None:
-            given["min_bucket_reso"] = _small_preset_min_bucket(req)
+        small = small_preset_buckets(preset_setting(req.preset, "resolution"), req.bucket_reso_steps)
+        given.update({name: getattr(req, name) or small.get(name) for name in BUCKET_FIELDS})
     if req.use_ema:
         args.append("--use_ema")
         given["ema_decay"] = req.ema_decay
@@ -106,14 +151,6 @@ def trainer_args(req: TrainRequest, data: Path, captions: bool, extra: list[str]
         if value is not None:
             args += [f"--{name}", repr(value) if isinstance(value, float) else str(value)]  # repr: no digits lost
     return [*args, *extra]
-
-
-def _small_preset_min_bucket(req: TrainRequest) -> int | None:
-    """The preset's resolution when the trainer's smallest bucket cannot hold it (the demo trains at 64 px)."""
-    from ..training import load_yaml
-
-    resolution = load_yaml(PRESETS[req.preset]).get("resolution", trainer_default("resolution"))
-    return resolution if resolution < trainer_default("min_bucket_reso") else None
 
 
 def check_args(args: list[str]):

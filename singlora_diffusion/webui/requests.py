@@ -7,10 +7,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import images
+from ..bundled import BUNDLED_PREFIX, bundled_subject
 from ..config import ADAPTERS
 from ..errors import BadInput
 
-MAX_SIDE, MAX_IMAGES, MAX_STEPS = 2048, 8, 150
+MIN_SIDE, MAX_SIDE = 32, 2048  # 32: the toy base's own size (toy:shapes), the smallest any base here draws
+MAX_IMAGES, MAX_STEPS = 8, 150
 MAX_TRAIN_STEPS = 100_000
 CAPTION_SUFFIX = ".txt"          # the Train tab's captions: a.txt beside a.jpg (the trainer's --caption_extension)
 MAX_CAPTION_BYTES = 64 * 2 ** 10  # a caption is a line or two; anything larger is the wrong file
@@ -53,8 +55,8 @@ class GenerateRequest:
         self.prompt = (self.prompt or "").strip()
         if not self.prompt:
             raise BadRequest("Type a prompt first.")
-        for name, low, high in (("steps", 1, MAX_STEPS), ("num_images", 1, MAX_IMAGES), ("width", 64, MAX_SIDE),
-                                ("height", 64, MAX_SIDE)):
+        for name, low, high in (("steps", 1, MAX_STEPS), ("num_images", 1, MAX_IMAGES),
+                                ("width", MIN_SIDE, MAX_SIDE), ("height", MIN_SIDE, MAX_SIDE)):
             setattr(self, name, whole(name.replace("_", " "), getattr(self, name), low, high))
         for name in ("width", "height"):
             if getattr(self, name) % 8:
@@ -76,7 +78,7 @@ class TrainRequest:
     (The browser shows a blank number field as 0, so 0 must read as blank too; it is no learning
     rate, bucket side or EMA decay anyone can mean.)
     """
-    instance_prompt: str
+    instance_prompt: str = ""  # blank: the preset's (the demo's "a sks shape")
     class_name: str = ""
     preset: str = "demo"
     steps: int = 300
@@ -94,8 +96,6 @@ class TrainRequest:
 
     def __post_init__(self):
         self.instance_prompt = (self.instance_prompt or "").strip()
-        if not self.instance_prompt:
-            raise BadRequest("Give an instance prompt, e.g. 'a photo of sks dog'.")
         self.class_name = (self.class_name or "").strip()
         self.steps = whole("steps", self.steps, 1, MAX_TRAIN_STEPS)
         if self.adapter not in ADAPTERS:
@@ -169,6 +169,19 @@ def confine(root: str | Path, user_path: str) -> Path:
     if path != root and root not in path.parents:
         raise BadRequest(f"{user_path!r} is outside the allowed folder; pick a path inside it.")
     return path
+
+
+def subject_folder(root: str | Path, user_path: str) -> Path:
+    """A folder of subject photos as the user named it: bundled:NAME (a subject shipped in the
+    package, read-only, e.g. bundled:toy_subject) or a path confined to `root`."""
+    if not user_path.startswith(BUNDLED_PREFIX):
+        return confine(root, user_path)
+    shipped = bundled_subject("")  # the package's assets folder
+    folder = confine(shipped, user_path[len(BUNDLED_PREFIX):])
+    if folder == shipped.resolve() or not folder.is_dir():
+        raise BadRequest(f"{user_path!r} is no subject shipped with the package; bundled:NAME names a folder of "
+                         f"its assets, e.g. bundled:toy_subject or bundled:dog3.")
+    return folder
 
 
 def unique_dir(parent: Path, stem: str) -> Path:
