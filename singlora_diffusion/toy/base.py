@@ -20,7 +20,6 @@ import torch
 
 from ..errors import BadInput
 
-NAME = "toy:shapes"
 PIPELINE_FILE, EXTRACTOR_FILE, RECORD_FILE = "pipeline.safetensors", "extractor.safetensors", "record.json"
 PARTS = ("text_encoder", "vae", "unet")
 

@@ -25,7 +25,7 @@ def evaluate_adapter(adapter: str | Path, out: str | Path, **overrides) -> dict:
     from ..evaluation.run import evaluate
 
     settings = dict(DEMO_EVAL, **overrides)
-    cfg = EvalConfig(out=str(out), scorer="toy", subject_dir="bundled:toy_subject", subject_name="toy_subject",
+    cfg = EvalConfig(out=str(out), scorer="toy", subject_dir=world.SUBJECT_DATA, subject_name="toy_subject",
                      adapter=str(adapter), baseline=True, **settings)
     files = evaluate(cfg)
     return json.loads(Path(files["scores.json"]).read_text())

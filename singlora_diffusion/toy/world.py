@@ -112,6 +112,7 @@ def to_array(images: list[Image.Image]) -> np.ndarray:
 
 # The bundled subject (assets/toy_subject, bundled:toy_subject): five renderings on five of
 # the six known backgrounds, white left out so prompts can ask for a background never shown.
+SUBJECT_DATA = "bundled:toy_subject"  # its --instance_data_dir / --subject_dir
 SUBJECT_BACKGROUNDS = ("red", "green", "blue", "yellow", "black")
 SUBJECT_SEED = 2024
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..bundled import BUNDLED_PREFIX
 from ..pipelines import TOY_BASE
 from ..toy import world
 
@@ -26,7 +25,7 @@ class BaseProfile:
 
 # 20 steps at guidance 4: what the toy world's evaluation renders with (experiments/toy_world)
 TOY = BaseProfile(prompt=world.caption("circle", "red", "blue"), subject_prompt=world.subject_caption("blue"),
-                  steps=20, guidance=4.0, eval_subject=f"{BUNDLED_PREFIX}toy_subject", eval_class=world.CLASS_WORD,
+                  steps=20, guidance=4.0, eval_subject=world.SUBJECT_DATA, eval_class=world.CLASS_WORD,
                   scorer="toy")
 
 
