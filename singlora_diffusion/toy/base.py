@@ -53,6 +53,14 @@ def fingerprint(folder: Path | None = None) -> str:
     return hashlib.sha256("".join(sha256(folder / f) for f in (PIPELINE_FILE, EXTRACTOR_FILE)).encode()).hexdigest()
 
 
+def architecture(pipe) -> dict:
+    """The components' configs, as record.json keeps them (diffusers' private "_" keys left out)."""
+    configs = {part: dict(getattr(pipe, part).config) for part in ("vae", "unet")}
+    configs["text_encoder"] = pipe.text_encoder.config.to_dict()
+    return json.loads(json.dumps({part: {k: v for k, v in c.items() if not k.startswith("_")}
+                                  for part, c in configs.items()}, default=str))
+
+
 def write_world(out: Path, pipe, extractor, record: dict) -> None:
     """The shipped files of a pretrained pipeline and extractor (fp16 pipeline weights)."""
     from safetensors.torch import save_file
@@ -63,9 +71,7 @@ def write_world(out: Path, pipe, extractor, record: dict) -> None:
                for part in PARTS for k, v in getattr(pipe, part).state_dict().items()}
     save_file(weights, str(out / PIPELINE_FILE))
     save_file({k: v.contiguous() for k, v in extractor.state_dict().items()}, str(out / EXTRACTOR_FILE))
-    record = dict(record, scaling_factor=pipe.vae.config.scaling_factor,
-                  configs={part: dict(getattr(pipe, part).config) for part in ("vae", "unet")}
-                  | {"text_encoder": pipe.text_encoder.config.to_dict()})
+    record = dict(record, scaling_factor=pipe.vae.config.scaling_factor, configs=architecture(pipe))
     record["fingerprint"] = fingerprint(out)
     (out / RECORD_FILE).write_text(json.dumps(record, indent=1, default=str))
 
