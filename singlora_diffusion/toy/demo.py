@@ -3,7 +3,7 @@
 The toy evaluation (eval/evaluate.py --scorer toy) of the trained adapter against the toy
 base on the same prompts and seeds, then:
   before_after.png   one column per prompt (the subject on each known background), the
-                     base's image above the adapter's, same seed;
+                     base's images above the adapter's, one row per seed, the same seeds;
   demo_scores.json   {"base": {"subject": s, "prompt": p}, "adapter": {...}}: the fraction of
                      images classified as the subject, and of images whose background is the
                      prompted one (toy-world scores, not DreamBench's);
@@ -47,23 +47,27 @@ def table(demo: dict) -> str:
     return "\n".join(lines)
 
 
-def before_after(scores: dict, path: Path, side: int = 96) -> Path:
-    """Base above adapter, one column per prompt, at the first seed; upscaled without smoothing."""
+def before_after(scores: dict, path: Path, side: int = 64) -> Path:
+    """One column per prompt; the base's images above the adapter's, one row per seed (the
+    same seeds in both halves); upscaled without smoothing, so pixels stay pixels."""
     from PIL import Image, ImageDraw
 
-    seed = min(im["seed"] for im in scores["images"])
-    files = {(im["method"], im["prompt"]): im["file"] for im in scores["images"] if im["seed"] == seed}
-    prompts = list(dict.fromkeys(p for _, p in files))
-    label_w, head = 70, 28
-    canvas = Image.new("RGB", (label_w + side * len(prompts), head + 2 * side), "white")
+    files = {(im["method"], im["prompt"], im["seed"]): im["file"] for im in scores["images"]}
+    prompts = list(dict.fromkeys(p for _, p, _ in files))
+    seeds = sorted({s for _, _, s in files})
+    label_w, head, gap = 78, 22, 8
+    half = side * len(seeds)
+    canvas = Image.new("RGB", (label_w + side * len(prompts), head + 2 * half + gap), "white")
     pen = ImageDraw.Draw(canvas)
     for c, prompt in enumerate(prompts):
-        pen.text((label_w + c * side + 4, 8), world.named_background(prompt) or prompt[:12], fill="black")
-        for r, method in enumerate(("base", "adapter")):
-            image = Image.open(files[(method, prompt)]).convert("RGB").resize((side, side), Image.Resampling.NEAREST)
-            canvas.paste(image, (label_w + c * side, head + r * side))
-    for r, title in enumerate(("base", "+ adapter")):
-        pen.text((4, head + r * side + side // 2 - 6), title, fill="black")
+        pen.text((label_w + c * side + 4, 6), world.named_background(prompt) or prompt[:10], fill="black")
+        for h, method in enumerate(("base", "adapter")):
+            for r, seed in enumerate(seeds):
+                image = Image.open(files[(method, prompt, seed)]).convert("RGB")
+                canvas.paste(image.resize((side, side), Image.Resampling.NEAREST),
+                             (label_w + c * side, head + h * (half + gap) + r * side))
+    for h, title in enumerate(("base", "+ adapter")):
+        pen.text((4, head + h * (half + gap) + half // 2 - 6), title, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
