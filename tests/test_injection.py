@@ -155,7 +155,9 @@ def test_model_level_merge_unmerge_and_trainable_marking():
         merge_singlora(unet)  # twice: harmless
         torch.testing.assert_close(unet(*args).sample, y, rtol=1e-4, atol=1e-4)
         unmerge_singlora(unet)
-        torch.testing.assert_close(unet(*args).sample, y, rtol=1e-5, atol=1e-5)
+        # (W0 + ΔW) - ΔW in float32, with ΔW 25x its initial size: measured up to 1.2e-5 on an
+        # AMD EPYC (1e-5 held on Intel); remove_singlora's exact restore is tested above.
+        torch.testing.assert_close(unet(*args).sample, y, rtol=5e-5, atol=5e-5)
     unet.requires_grad_(True)
     mark_only_singlora_trainable(unet)
     assert {n for n, p in unet.named_parameters() if p.requires_grad} == {

@@ -33,8 +33,8 @@ class EvalSizes:
     classes: int = 96        # held-out class images
     timesteps: int = 8       # evenly spaced noise levels per image
     generated: int = 16      # images generated from the instance prompt
-    inference_steps: int = 20
-    guidance: float = 4.0
+    inference_steps: int = world.SAMPLING["steps"]
+    guidance: float = world.SAMPLING["guidance"]
 
 
 

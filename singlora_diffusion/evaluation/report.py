@@ -213,7 +213,8 @@ def report_markdown(scores: dict, figures: dict[str, str]) -> str:
                  f"that training learns the toy subject and say nothing about real models.\n\n")
     parts = [f"# {'Toy-world' if toy else 'DreamBench'} evaluation\n\n{stamp}"
              f"Protocol: {scores['protocol']}. Scores are {scores['scale']}. "
-             f"CLIP-T compares each image with {opt['clip_t_text']}.\n\n",
+             + ("Background as prompted compares each image's classified background with the colour its prompt "
+                "names.\n\n" if toy else f"CLIP-T compares each image with {opt['clip_t_text']}.\n\n"),
              summary_table(scores), "\n\n",
              "" if toy else f"For reference, the DreamBooth paper reports real vs real = {PAPER_REAL['dino']} DINO "
                             f"and {PAPER_REAL['clip_i']} CLIP-I over its 30 subjects.\n\n", *_tables(scores)]

@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
                    "assets/toy_shapes, what toy:shapes loads)")
     p.add_argument("--quick", action="store_true", help="a seconds-long version (what the tests run)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--denoiser_steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and the batches")
+    p.add_argument("--denoiser_steps", type=int, default=None, help="text encoder + UNet steps (default: "
+                   "PretrainSettings', those of the shipped base)")
     d = sub.add_parser("demo", help="score the demo's adapter against the toy base; draw before_after.png")
     d.add_argument("output_dir", type=Path, help="the training output folder (outputs/demo)")
     args = parser.parse_args(argv)

@@ -65,15 +65,21 @@ def write_world(out: Path, pipe, extractor, record: dict) -> None:
     """The shipped files of a pretrained pipeline and extractor (fp16 pipeline weights)."""
     from safetensors.torch import save_file
 
+    from ..files import atomic_path, write_text
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = {f"{part}.{k}": v.detach().to(torch.float16).contiguous()
                for part in PARTS for k, v in getattr(pipe, part).state_dict().items()}
-    save_file(weights, str(out / PIPELINE_FILE))
-    save_file({k: v.contiguous() for k, v in extractor.state_dict().items()}, str(out / EXTRACTOR_FILE))
+    # Each file whole or not at all; a set left mixed by a crash between them fails the
+    # fingerprint check in load_pipeline rather than loading.
+    for name, tensors in ((PIPELINE_FILE, weights),
+                          (EXTRACTOR_FILE, {k: v.contiguous() for k, v in extractor.state_dict().items()})):
+        with atomic_path(out / name) as tmp:
+            save_file(tensors, str(tmp))
     record = dict(record, scaling_factor=pipe.vae.config.scaling_factor, configs=architecture(pipe))
     record["fingerprint"] = fingerprint(out)
-    (out / RECORD_FILE).write_text(json.dumps(record, indent=1, default=str))
+    write_text(out / RECORD_FILE, json.dumps(record, indent=1, default=str))
 
 
 def load_pipeline(folder: Path | None = None):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import world
 
-DEMO_EVAL = dict(num_images=4, steps=20, guidance=4.0, seed=0)  # what the targets in docs/science.md use
+DEMO_EVAL = dict(num_images=4, seed=0, **world.SAMPLING)  # what the targets in docs/science.md use
 
 
 def evaluate_adapter(adapter: str | Path, out: str | Path, **overrides) -> dict:

@@ -23,10 +23,9 @@ class BaseProfile:
     scorer: str           # EvalConfig.scorer: "toy" scores toy-world images, DreamBench's models cannot
 
 
-# 20 steps at guidance 4: what the toy world's evaluation renders with (experiments/toy_world)
 TOY = BaseProfile(prompt=world.caption("circle", "red", "blue"), subject_prompt=world.subject_caption("blue"),
-                  steps=20, guidance=4.0, eval_subject=world.SUBJECT_DATA, eval_class=world.CLASS_WORD,
-                  scorer="toy")
+                  steps=world.SAMPLING["steps"], guidance=world.SAMPLING["guidance"], eval_subject=world.SUBJECT_DATA,
+                  eval_class=world.CLASS_WORD, scorer="toy")
 
 
 # SD's usual guidance (GenerateRequest's and EvalConfig's default too); the subject is the README's dog
