@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from experiments.toy_world.__main__ import main
+from singlora_diffusion.pipelines import TOY_BASE
 from singlora_diffusion.toy import base, world
 
 
@@ -87,8 +88,8 @@ def test_the_shipped_world_is_the_default():
     from experiments.toy_world.sweep import open_world, world_id
 
     toy = open_world(None, out=None)  # the shipped base needs no saved copy
-    assert (toy.model, toy.folder, toy.id) == (base.NAME, base.world_folder(), world_id(base.world_folder()))
-    assert open_world(base.world_folder(), out=None).model == base.NAME
+    assert (toy.model, toy.folder, toy.id) == (TOY_BASE, base.world_folder(), world_id(base.world_folder()))
+    assert open_world(base.world_folder(), out=None).model == TOY_BASE
 
 
 def test_a_missing_world_names_the_command_that_makes_it(tmp_path):

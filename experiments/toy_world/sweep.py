@@ -23,6 +23,7 @@ import torch
 
 from singlora_diffusion.bundled import BUNDLED_PREFIX
 from singlora_diffusion.errors import BadInput
+from singlora_diffusion.pipelines import TOY_BASE
 from singlora_diffusion.toy import base, world
 
 from .evaluate import EvalSizes, Evaluator
@@ -78,7 +79,7 @@ def open_world(folder: Path | None, out: Path) -> World:
     base.read_record(folder)  # a missing base is an error naming the command that makes it
     wid = world_id(folder)
     if shipped:
-        return World(folder, base.NAME, wid)  # resolve_base builds its diffusers folder once
+        return World(folder, TOY_BASE, wid)  # resolve_base builds its diffusers folder once
     return World(folder, str(save_model(folder, out / "model", wid)), wid)
 
 
@@ -208,7 +209,7 @@ def main(command: str, folder: Path | None, out: Path, quick: bool, plots: Path)
     data = json.loads(path.read_text()) if path.is_file() else {}
     if data.get("grid") != json.loads(json.dumps(asdict(grid))) or data.get("world") != toy.id:
         # another grid or model: start over
-        data = {"grid": asdict(grid), "world": toy.id, "base_model": str(folder or base.NAME), "runs": {}}
+        data = {"grid": asdict(grid), "world": toy.id, "base_model": str(folder or TOY_BASE), "runs": {}}
     evaluator = Evaluator(toy.folder, grid.eval)
     data.setdefault("reference", evaluator.reference())
     if "base" not in data:
