@@ -8,6 +8,7 @@ there before untouched.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -89,3 +90,12 @@ def read_progress(output_dir: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex), read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

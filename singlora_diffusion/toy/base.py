@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
+from ..files import sha256
 
 PIPELINE_FILE, EXTRACTOR_FILE, RECORD_FILE = "pipeline.safetensors", "extractor.safetensors", "record.json"
 PARTS = ("text_encoder", "vae", "unet")
@@ -28,14 +29,6 @@ def world_folder() -> Path:
     from ..bundled import _package_dir
 
     return _package_dir("assets", "toy_shapes")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_record(folder: Path | None = None) -> dict:

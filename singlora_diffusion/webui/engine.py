@@ -11,7 +11,6 @@ budget's check, cancelling, the PNGs it writes and uploaded adapter files.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import threading
 import time
@@ -21,7 +20,7 @@ import torch
 
 from ..adapters import adapters_off, apply_adapter, check_adapter_file, remove_adapter, set_strength
 from ..errors import UserError
-from ..files import atomic_path
+from ..files import atomic_path, sha256
 from ..generate import render
 from ..pipelines import inference_dtype, load_pipeline
 from . import budget
@@ -106,7 +105,7 @@ class Engine:
         hashed) before a hidden temporary copy is renamed to that name.
         """
         check_upload_size(src)
-        digest = _sha256(src)
+        digest = sha256(src)
         dest = uploads / f"{Path(src.name).stem}-{digest[:12]}.safetensors"
         existed = dest.is_file()
         if not existed:
@@ -205,12 +204,6 @@ def _identity(path: Path) -> tuple | None:
     return (path.resolve(), st.st_mtime_ns, st.st_size)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_upload_size(path: Path) -> None:
