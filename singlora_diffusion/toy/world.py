@@ -134,8 +134,3 @@ def write_subject(folder) -> list:
         (folder / f"sks-{i}.txt").write_text(text + "\n")
         written.append(folder / f"sks-{i}.png")
     return written
-
-
-def subject_prompts() -> list[str]:
-    """Prompts naming the subject, one per known background: what the toy scores are measured on."""
-    return [subject_caption(bg) for bg in COLOURS]
