@@ -7,8 +7,12 @@ import sys
 
 
 def _tiny(args):
+    from .errors import BadInput
     from .tiny import save_random_pipeline, save_tiny_pipeline
 
+    if args.full_size and args.arch not in ("sd15", "sdxl"):
+        raise BadInput(f"--full_size builds sd15 or sdxl; a full-size {args.arch} (billions of random weights) is "
+                       f"not built: count its layers on the meta device instead (docs/benchmarks.md)")
     save, kind = (save_random_pipeline, "full-size") if args.full_size else (save_tiny_pipeline, "tiny")
     print(f"{kind} {args.arch} pipeline (random weights) written to {save(args.out_dir, args.arch, args.seed)}")
 
@@ -116,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="singlora", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("tiny-pipeline", help="build a small random-weight SD pipeline offline")
+    s = sub.add_parser("tiny-pipeline", help="build a small random-weight pipeline offline (SD1.5, SDXL, SD3, Flux.1)")
     s.add_argument("out_dir")
-    s.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    s.add_argument("--arch", choices=["sd15", "sdxl", "sd3", "flux"], default="sd15")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--full_size", action="store_true",
                    help="the real SD1.5 / SDXL component configs (2 GB / 6.5 GB in fp16), as random:sd15 / random:sdxl")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .targets import PRESETS, TargetSpec, resolve_patterns
+from .targets import PRESETS, TargetSpec, check_denoiser_spec, resolve_patterns
 from .errors import BadInput
 
 ADAPTERS = ("singlora", "lora", "dora", "loraplus")
@@ -21,8 +21,9 @@ class AdapterConfig:
         "help": "T of the ramp u(t)=min(t/T,1) in optimizer steps; 0 = no ramp. "
                 "Default: 1%% of the training steps, at least 1 (the paper's choice)"})
     target_modules: TargetSpec = field(default="attn", metadata={
-        "help": "UNet layers: preset 'attn' (to_q,to_k,to_v,to_out.0), 'paper' (to_q,to_k) "
-                "or a comma-separated list of module-name suffixes / regexes"})
+        "help": "denoiser layers: preset 'attn' (UNet: to_q,to_k,to_v,to_out.0; SD3/Flux transformer: those and "
+                "add_q_proj,add_k_proj,add_v_proj,to_add_out), 'paper' (the query and key projections), 'all' "
+                "(SD3/Flux: attention and feed-forward) or a comma-separated list of module-name suffixes / regexes"})
     text_encoder_target_modules: TargetSpec | None = field(default=None, metadata={
         "help": "text-encoder layers (preset 'attn' = q_proj,k_proj,v_proj,out_proj, or a list); "
                 "unset = text encoders are not adapted"})
@@ -38,7 +39,7 @@ class AdapterConfig:
         if self.ramp_up_steps is not None and int(self.ramp_up_steps) < 0:
             raise BadInput(f"ramp_up_steps must be >= 0 (0 = no ramp), got {self.ramp_up_steps}")
         # Fail on an unknown preset now, before any model is loaded.
-        resolve_patterns(self.target_modules, "unet")
+        check_denoiser_spec(self.target_modules)
         if self.text_encoder_target_modules is not None:
             resolve_patterns(self.text_encoder_target_modules, "text_encoder")
 

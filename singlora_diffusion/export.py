@@ -52,7 +52,9 @@ def export_diffusers(adapter_path: str | os.PathLike, out_dir: str | os.PathLike
     α/r and u are folded into lora_B, so the file needs no alpha: diffusers'
     default lora_alpha = r (scale 1) reproduces ΔW exactly.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
+
+    from .families import FAMILIES
 
     adapter = read_adapter(adapter_path)
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -60,8 +62,11 @@ def export_diffusers(adapter_path: str | os.PathLike, out_dir: str | os.PathLike
         layers.setdefault(component, {})[f"{path}.lora_A.weight"] = down
         layers[component][f"{path}.lora_B.weight"] = up
     kwargs = {f"{c}_lora_layers": layers[c] for c in layers}
-    writer = StableDiffusionXLPipeline if adapter.metadata.get("base_arch") == "sdxl" else StableDiffusionPipeline
-    writer.save_lora_weights(str(out_dir), **kwargs)
+    arch = adapter.metadata.get("base_arch", "sd")
+    if arch not in FAMILIES:
+        raise BadInput(f"{adapter.path}: metadata base_arch={arch!r}; expected one of {', '.join(FAMILIES)}")
+    # the family's pipeline writes its own layout: unet. / transformer., text_encoder(_2).
+    getattr(diffusers, FAMILIES[arch].pipeline).save_lora_weights(str(out_dir), **kwargs)
     return Path(out_dir) / diffusers_lora_name()
 
 

@@ -2,12 +2,13 @@
 
     {component}.{module_path}.singlora_A      float32 (n, r), n = max(d_in, d_out)
 
-component is unet, text_encoder or text_encoder_2; module_path is the path LoRA
-files use (diffusers UNet names; CLIP text encoders with the `text_model.`
-level that transformers 5 no longer has in named_modules()). `__metadata__`
-holds strings: format, format_version, rank, alpha, ramp_up_steps, step,
-target_modules, text_encoder_target_modules, base_model, base_arch (sd | sdxl),
-base_model_version (kohya's ss_base_model_version: sd_v1 | sd_v2 | sdxl_base_v1-0) and
+component is unet or transformer (SD3/Flux), text_encoder or text_encoder_2 (CLIP);
+module_path is the path LoRA files use (diffusers UNet / transformer names; CLIP text
+encoders with the `text_model.` level that transformers 5 no longer has in
+named_modules()). `__metadata__` holds strings: format, format_version, rank, alpha,
+ramp_up_steps, step, target_modules, text_encoder_target_modules, base_model, base_arch
+(sd | sdxl | sd3 | flux), base_model_version (kohya's ss_base_model_version: sd_v1 |
+sd_v2 | sdxl_base_v1-0 | sd3_m | flux1) and
 module_shapes ({component.module_path: [d_out, d_in]}, which export needs to
 split non-square layers without the base model). Weights are never unpickled.
 """
@@ -25,7 +26,8 @@ from torch import nn
 
 from .files import atomic_path
 from .inject import get_step, inject_singlora, set_step, singlora_modules
-from .targets import COMPONENT_KIND, base_arch, base_model_version, resolve_patterns
+from .families import DENOISERS, base_arch, base_model_version, denoiser_name
+from .targets import COMPONENT_KIND, resolve_patterns
 from .errors import BadInput, NotFound
 
 FORMAT, FORMAT_VERSION = "singlora", "1"
@@ -85,7 +87,11 @@ class AdapterFile:
 
 def save_adapter(path: str | os.PathLike, components: dict[str, nn.Module], base_model: str,
                  target_modules=None, text_encoder_target_modules=None) -> Path:
-    """Write every SingLoRA layer of `components` to one .safetensors file."""
+    """Write every SingLoRA layer of `components` to one .safetensors file.
+
+    Pass the pipeline's denoiser even when only text encoders carry adapters: base_arch is
+    read from it (SDXL's and SD3's second text encoders are both CLIP-bigG).
+    """
     from safetensors.torch import save_file
 
     tensors, shapes, settings = {}, {}, set()
@@ -102,19 +108,20 @@ def save_adapter(path: str | os.PathLike, components: dict[str, nn.Module], base
                          f"format v{FORMAT_VERSION} stores one setting per file")
     (rank, alpha, ramp_up_steps), = settings
     step = max(get_step(m) for m in components.values())
-    unet_modules = sorted({k.rpartition(".")[2] for k in shapes if k.startswith("unet.")})
+    denoiser = denoiser_name(components)
+    denoiser_modules = sorted({k.rpartition(".")[2] for k in shapes if k.partition(".")[0] in DENOISERS})
     metadata = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "rank": str(rank), "alpha": repr(float(alpha)),
         "ramp_up_steps": str(ramp_up_steps), "step": str(step),
         # the patterns, presets resolved ("attn" -> ["to_q", ...]), so readers need no preset table
-        "target_modules": json.dumps(list(resolve_patterns(target_modules, "unet")) if target_modules is not None
-                                     else unet_modules),
+        "target_modules": json.dumps(list(resolve_patterns(target_modules, COMPONENT_KIND[denoiser or "unet"]))
+                                     if target_modules is not None else denoiser_modules),
         "text_encoder_target_modules": json.dumps(None if text_encoder_target_modules is None else
                                                   list(resolve_patterns(text_encoder_target_modules, "text_encoder"))),
-        # from the UNet's config, not from which components carry adapters: a UNet-only SDXL
+        # from the denoiser's config, not from which components carry adapters: a UNet-only SDXL
         # adapter is still an SDXL adapter
-        **({"base_arch": base_arch(components["unet"]), "base_model_version": base_model_version(components["unet"])}
-           if "unet" in components else {"base_arch": "sdxl" if "text_encoder_2" in components else "sd"}),
+        **({"base_arch": base_arch(components[denoiser]), "base_model_version": base_model_version(components[denoiser])}
+           if denoiser else {"base_arch": "sdxl" if "text_encoder_2" in components else "sd"}),
         "base_model": str(base_model),
         "module_shapes": json.dumps(shapes),
     }
@@ -179,7 +186,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     tensors = {}
     for key, A in load_file(str(path)).items():
         if not key.endswith(SUFFIX) or key.partition(".")[0] not in COMPONENT_KIND:
-            raise BadInput(f"{path}: unexpected tensor {key!r}; expected '{{unet|text_encoder|text_encoder_2}}"
+            raise BadInput(f"{path}: unexpected tensor {key!r}; expected '{{{'|'.join(COMPONENT_KIND)}}}"
                              f".<module path>{SUFFIX}'")
         tensors[key[: -len(SUFFIX)]] = A
     adapter = AdapterFile(str(path), tensors, metadata)

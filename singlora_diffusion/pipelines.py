@@ -1,4 +1,5 @@
-"""Stable Diffusion pipelines: loading, their adaptable components, injection by config."""
+"""Diffusion pipelines (SD1.x/2.x, SDXL, SD3/3.5, Flux.1): loading, their adaptable components,
+injection by config."""
 from __future__ import annotations
 
 import os
@@ -10,10 +11,11 @@ from torch import nn
 from .config import AdapterConfig
 from .inject import inject_singlora
 from .layer import check_rank
+from .families import FAMILIES, denoiser_name, family_of, is_adaptable_text_encoder
 from .targets import COMPONENT_KIND, find_targets
 from .errors import BadInput, NotFound
 
-COMPONENTS = tuple(COMPONENT_KIND)  # unet, text_encoder, text_encoder_2
+COMPONENTS = tuple(COMPONENT_KIND)  # unet | transformer, text_encoder, text_encoder_2
 # --mixed_precision / --save_precision names (accelerate's and diffusers' scripts') -> weight dtype
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = tuple(DTYPES)
@@ -22,8 +24,15 @@ TOY_BASE = "toy:shapes"  # the pretrained toy base shipped in the package (toy/b
 
 
 def pipeline_components(pipe) -> dict[str, nn.Module]:
-    """The adaptable models of a pipeline, by the component names the file format uses."""
-    return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
+    """The adaptable models of a pipeline, by the component names the file format uses: its
+    denoiser and its CLIP text encoders (never T5: Flux's text_encoder_2, SD3's text_encoder_3)."""
+    found = {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
+    return {c: m for c, m in found.items() if COMPONENT_KIND[c] != "text_encoder" or is_adaptable_text_encoder(m)}
+
+
+def denoiser(pipe) -> nn.Module:
+    """The pipeline's UNet or transformer."""
+    return getattr(pipe, denoiser_name(pipeline_components(pipe)))
 
 
 def _latent_stats(vae_config, like: torch.Tensor):
@@ -35,37 +44,39 @@ def _latent_stats(vae_config, like: torch.Tensor):
             torch.tensor(std).view(shape).to(like.device, like.dtype))
 
 
-def to_unet_latents(vae_config, z: torch.Tensor) -> torch.Tensor:
-    """VAE latents (b, c, h, w) -> what the UNet is trained on.
+def to_denoiser_latents(vae_config, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents (b, c, h, w) -> what the UNet or transformer is trained on.
 
-    z·sf, or (z − mean)·sf/std for VAEs whose config carries latents_mean and
-    latents_std (SDXL-family VAEs such as Playground's), as diffusers' SDXL
-    DreamBooth script encodes and the SDXL pipeline decodes (from_unet_latents).
+    z·sf; (z − shift)·sf for VAEs whose config sets shift_factor (SD3's and Flux's 16-channel
+    VAEs, as their DreamBooth scripts encode and pipelines decode); (z − mean)·sf/std for VAEs
+    whose config carries latents_mean and latents_std (SDXL-family VAEs such as Playground's),
+    as diffusers' SDXL DreamBooth script encodes and the SDXL pipeline decodes (from_denoiser_latents).
     """
     stats = _latent_stats(vae_config, z)
     if stats is None:
-        return z * vae_config.scaling_factor
+        return (z - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor
     mean, std = stats
     return (z - mean) * vae_config.scaling_factor / std
 
 
-def from_unet_latents(vae_config, latents: torch.Tensor) -> torch.Tensor:
-    """The inverse of to_unet_latents: what vae.decode takes."""
+def from_denoiser_latents(vae_config, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_denoiser_latents: what vae.decode takes."""
     stats = _latent_stats(vae_config, latents)
     if stats is None:
-        return latents / vae_config.scaling_factor
+        return latents / vae_config.scaling_factor + (getattr(vae_config, "shift_factor", None) or 0.0)
     mean, std = stats
     return latents * std / vae_config.scaling_factor + mean
 
 
 def inject_adapters(components: dict[str, nn.Module], cfg: AdapterConfig,
                     ramp_up_steps: int = 0) -> dict[str, list[str]]:
-    """Add cfg.adapter to the UNet (and to the text encoders if cfg names targets for them)."""
+    """Add cfg.adapter to the denoiser (and to the CLIP text encoders if cfg names targets for them)."""
     from .baselines import PEFT_ADAPTERS, inject_peft
 
-    plan = {"unet": cfg.target_modules}
+    denoiser = denoiser_name(components)
+    plan = {denoiser: cfg.target_modules}
     if cfg.text_encoder_target_modules is not None:
-        plan.update({c: cfg.text_encoder_target_modules for c in components if c != "unet"})
+        plan.update({c: cfg.text_encoder_target_modules for c in components if c != denoiser})
     for component, targets in plan.items():  # every layer checked before any adapter is built
         model = components[component]
         for name in find_targets(model, targets, COMPONENT_KIND[component]):
@@ -91,7 +102,7 @@ def hub_offline() -> bool:
 
 def _test_pipeline(name: str):
     """(kind, arch, save) for tiny:… / random:… / toy:shapes, None for any other base."""
-    from .tiny import save_random_pipeline, save_tiny_pipeline
+    from .tiny import TINY_ARCHS, save_random_pipeline, save_tiny_pipeline
 
     if str(name) == TOY_BASE:
         from .toy.base import fingerprint, save_toy_pipeline
@@ -106,8 +117,9 @@ def _test_pipeline(name: str):
         return None
     kind, save = builders[prefix]
     arch = str(name)[len(prefix):]
-    if arch not in ("sd15", "sdxl"):
-        raise BadInput(f"unknown test pipeline {name!r}: choose {prefix}sd15 or {prefix}sdxl")
+    archs = TINY_ARCHS if kind == "tiny" else ("sd15", "sdxl")
+    if arch not in archs:
+        raise BadInput(f"unknown test pipeline {name!r}: choose {' or '.join(prefix + a for a in archs)}")
     return kind, arch, save
 
 
@@ -213,8 +225,12 @@ def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, d
                                                                    torch_dtype=torch.float32))
     except OSError as e:
         raise NotFound(f"could not load base model {base!r}: {e}") from e
-    if not hasattr(pipe, "unet"):
-        raise BadInput(f"{base} is a {type(pipe).__name__}; SingLoRA supports UNet pipelines (SD1.x/2.x, SDXL)")
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if model is None:
+        supported = ", ".join(f.pipeline for f in FAMILIES.values())
+        raise BadInput(f"{base} is a {type(pipe).__name__}; SingLoRA supports {supported} (SD1.x/2.x, SDXL, "
+                       f"SD3/3.5, Flux.1)")
+    family_of(model)  # another transformer (PixArt, Sana, ...) is refused in one line
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device else pipe
 

@@ -1,4 +1,5 @@
-"""Component configs of the real SD1.5, SD2.x and SDXL base models: for counting, benchmarks, the
+"""Component configs of the real SD1.5, SD2.x and SDXL base models (and the SD3.5 / Flux.1 transformers,
+TRANSFORMER_CONFIGS, for counting): for counting, benchmarks, the
 random-weight real-size pipelines (tiny.build_random_pipeline, `random:sd15` / `random:sdxl`) and
 loading A1111 / Civitai single-file checkpoints offline (`pipeline_configs`, single_file.py).
 
@@ -118,3 +119,34 @@ def pipeline_configs(arch: str) -> dict[str, dict]:
         "scheduler": {"_class_name": scheduler, **scheduler_config},
         **{name: {"pad_token": pad, "model_max_length": 77} for name, pad in zip(tokenizers, PAD_TOKENS[arch])},
     }
+
+
+# -- the diffusion transformers, for counting on the meta device (no random full-size build: Flux.1-dev
+# alone is 11.9 B parameters). From the transformer/config.json files of
+# stabilityai/stable-diffusion-3.5-medium (MMDiT-X: a second image attention, attn2, in its first 13
+# blocks), stabilityai/stable-diffusion-3.5-large and black-forest-labs/FLUX.1-dev; tests check the
+# parameter counts against the published 2.24 B / 8.1 B / 11.9 B.
+TRANSFORMER_CONFIGS = {
+    "sd35-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))),
+    "sd35-large": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+        pos_embed_max_size=192, qk_norm="rms_norm")),
+    "flux-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+}
+
+
+def meta_transformer(name: str):
+    """A full-size SD3.5 / Flux.1 transformer on the meta device: its modules and shapes, no memory."""
+    import diffusers
+    import torch
+
+    cls, config = TRANSFORMER_CONFIGS[name]
+    with torch.device("meta"):
+        return getattr(diffusers, cls)(**config)

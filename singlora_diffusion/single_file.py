@@ -176,7 +176,7 @@ def _open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def single_file_arch(pipe) -> str:
     """"sd" (SD1.x) or "sdxl" (the base), or BadInput for a pipeline with no such checkpoint layout."""
-    from .targets import base_arch, base_model_version
+    from .families import base_arch, base_model_version
 
     arch = base_arch(pipe.unet)
     if getattr(pipe, "text_encoder", None) is None or (arch == "sdxl" and getattr(pipe, "text_encoder_2", None) is None):

@@ -1,4 +1,4 @@
-"""Small randomly initialised pipelines of the real SD1.x and SDXL architectures.
+"""Small randomly initialised pipelines of the real SD1.x, SDXL, SD3 and Flux.1 architectures.
 
 They exist so that everything (training, export, generation, the web UI)
 runs offline in seconds; their images are noise-like because no weights are
@@ -109,9 +109,97 @@ def sd_pipeline(unet, vae, text_encoder, tokenizer=None, noise_scheduler=None):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
+TINY_ARCHS = ("sd15", "sdxl", "sd3", "flux")
+
+
+def t5_tokenizer():
+    """A T5 tokenizer built offline: T5's special ids (pad 0, </s> 1, <unk> 2) and a Unigram
+    vocabulary of single characters and word-initial letters ("▁a"), so any ASCII prompt
+    tokenizes (other characters become <unk>). Real T5 has 32,100 sentencepiece pieces; no
+    sentencepiece model can be downloaded here, and transformers 5's T5 tokenizer takes a
+    (piece, score) list directly (docs/architecture.md, "Offline test pipelines").
+    """
+    import string
+
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("▁" + c, -2.5) for c in string.ascii_lowercase]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+T5_VOCAB = 128  # >= len(t5_tokenizer()) = 124
+
+
+def t5_encoder(width: int, seed: int | None = 0):
+    """A random 2-layer T5 encoder (gated-GELU feed-forward, as T5 v1.1 / T5-XXL)."""
+    from transformers import T5Config, T5EncoderModel
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=T5_VOCAB, d_model=width, d_ff=width + 8, d_kv=8, num_layers=2,
+                                   num_heads=width // 8, feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+
+
+def dit_vae(seed: int | None = 0, scaling_factor: float = 1.5305, shift_factor: float = 0.0609):
+    """A random 16-channel AutoencoderKL (SD3's and Flux's latent width), no quant convs, with its
+    family's scaling and shift (SD3: 1.5305 / 0.0609; Flux: 0.3611 / 0.1159)."""
+    from diffusers import AutoencoderKL
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=32, sample_size=32, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_tiny_sd3(seed: int = 0):
+    """SD3.5-medium's architecture in small: joint blocks of width 32 (square attention), one with
+    SD3.5's second image attention (attn2), RMS q/k norms, CLIP-L and CLIP-G (widths 16, pooled 32
+    each) whose states are concatenated and padded to T5's width 32, and a shift-3 flow schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,))
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=dit_vae(seed + 1),
+        text_encoder=text_encoder(16, seed + 2, True), tokenizer=clip_tokenizer(),
+        text_encoder_2=text_encoder(16, seed + 3, True), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5_encoder(32, seed + 4), tokenizer_3=t5_tokenizer())
+
+
+def build_tiny_flux(seed: int = 0):
+    """FLUX.1-dev's architecture in small: one double and two single blocks of width 32 (2 heads of
+    16, RoPE axes 4+6+6), guidance embedding, CLIP-L (width 32) for the pooled vector, T5 (width 32)
+    for the tokens, and Flux.1-dev's resolution-dependent (dynamic) shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6))
+    # FLUX.1-dev's scheduler/scheduler_config.json
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=flow, vae=dit_vae(seed + 1, 0.3611, 0.1159),
+                        text_encoder=text_encoder(32, seed + 2), tokenizer=clip_tokenizer(),
+                        text_encoder_2=t5_encoder(32, seed + 3), tokenizer_2=t5_tokenizer())
+
+
 def build_tiny_pipeline(arch: str = "sd15", seed: int = 0):
-    """A StableDiffusion(XL)Pipeline of ~10M parameters at 64 px, random weights."""
+    """A pipeline of a few M parameters (64 px for sd15/sdxl, 32 px for sd3/flux), random weights."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    if arch == "sd3":
+        return build_tiny_sd3(seed)
+    if arch == "flux":
+        return build_tiny_flux(seed)
 
     if arch == "sd15":
         # Text width 48 between the block widths 32 and 64: the cross-attention to_k/to_v
@@ -131,7 +219,7 @@ def build_tiny_pipeline(arch: str = "sd15", seed: int = 0):
             vae=vae(seed + 1), text_encoder=text_encoder(32, seed + 2), text_encoder_2=text_encoder(48, seed + 3, True),
             tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler(),
             force_zeros_for_empty_prompt=False)
-    raise BadInput(f"unknown tiny pipeline arch {arch!r}: choose sd15 or sdxl")
+    raise BadInput(f"unknown tiny pipeline arch {arch!r}: choose {', '.join(TINY_ARCHS)}")
 
 
 def save_tiny_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:

@@ -94,7 +94,7 @@ def test_unet_only_adapter_names_its_base_as_kohya_does(arch, family, version, t
 def test_sd2_unet_is_sd_v2():
     from diffusers import UNet2DConditionModel
 
-    from singlora_diffusion.targets import base_model_version
+    from singlora_diffusion.families import base_model_version
     from singlora_diffusion.reference_configs import UNET_CONFIGS
 
     with torch.device("meta"):  # SD2.x: the OpenCLIP-H text encoder's 1024-wide context
