@@ -139,14 +139,16 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_pipeline_dir, tmp
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tiny_pipeline_dir, tmp_path, monkeypatch):
-    real = loop.per_sample_mse
+    from singlora_diffusion.training import objective
+
+    real = objective.per_sample_mse
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
-    monkeypatch.setattr(loop, "per_sample_mse", poisoned)
+    monkeypatch.setattr(objective, "per_sample_mse", poisoned)
     out = tmp_path / "run"
     with pytest.raises(loop.TrainingDiverged, match="loss became nan at step 3.*checkpoint-2"):
         train(tiny_config(tiny_pipeline_dir(), out, max_train_steps=5, checkpointing_steps=2))

@@ -17,6 +17,10 @@ from singlora_diffusion.training.data import make_buckets, nearest_bucket
 
 from .train_helpers import tiny_config
 
+def draw_t():  # a DDPM timestep, as objective.DDPMObjective draws it
+    return torch.randint(0, 1000, ())
+
+
 BUCKETS = dict(enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)
 
 
@@ -110,7 +114,7 @@ def test_class_images_join_the_bucket_of_their_batch(tiny_pipeline_dir, tmp_path
                       num_class_images=1, **BUCKETS)
     inputs = validate(cfg)
     vae = _vae(tiny_pipeline_dir())
-    batch = TrainingData(cfg, vae, inputs.concepts, inputs.items, inputs.class_images, True).micro_batch(0, 1000)
+    batch = TrainingData(cfg, vae, inputs.concepts, inputs.items, inputs.class_images, True).micro_batch(0, draw_t)
     f = _vae_factor(tiny_pipeline_dir())
     assert batch.latents.shape == (4, 4, 48 // f, 80 // f) and batch.n_instance == 2
     assert batch.prompts[2:] == ["a photo of dog"] * 2
@@ -174,7 +178,7 @@ def test_caption_dropout_trains_that_share_of_samples_on_the_empty_prompt(tiny_p
                           caption_dropout_rate=rate, train_batch_size=4)
         inputs = validate(cfg)
         data = TrainingData(cfg, vae, inputs.concepts, inputs.items, [], False)
-        prompts = [p for k in range(50) for p in data.micro_batch(k, 1000).prompts]
+        prompts = [p for k in range(50) for p in data.micro_batch(k, draw_t).prompts]
         assert set(prompts) <= {"", "a photo of sks dog"}
         assert low <= prompts.count("") / len(prompts) <= high
 
@@ -248,7 +252,7 @@ def test_concepts_each_train_on_their_prompt_with_their_class_images(tiny_pipeli
     data = TrainingData(cfg, _vae(tiny_pipeline_dir()), inputs.concepts, inputs.items, inputs.class_images, True)
     pairs = {"a photo of sks dog": "a photo of dog", "a photo of zwx cat": "a photo of cat"}
     for k in range(12):
-        batch = data.micro_batch(k, 1000)
+        batch = data.micro_batch(k, draw_t)
         for instance, prior in zip(batch.prompts[:2], batch.prompts[2:]):
             assert pairs[instance] == prior  # a class sample of the instance sample's own concept
 

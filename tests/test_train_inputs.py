@@ -51,7 +51,7 @@ def test_unwritable_output_dir(tiny_pipeline_dir, tmp_path, capsys, no_model_loa
 
 def test_unknown_preset_and_missing_base(tiny_pipeline_dir, tmp_path, capsys, no_model_loading):
     assert main(_args(tiny_pipeline_dir(), bundled_subject(), tmp_path, "--target_modules", "qkv")) == 2
-    assert "unknown unet target preset 'qkv'" in capsys.readouterr().err
+    assert "unknown target preset 'qkv'" in capsys.readouterr().err
     assert main(_args(tmp_path / "no_such_model", bundled_subject(), tmp_path)) == 2
     assert "no such folder" in capsys.readouterr().err
 

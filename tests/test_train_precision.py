@@ -44,7 +44,7 @@ def test_class_images_come_from_the_base_model_with_text_encoder_adapters(tiny_p
 def test_sdxl_vae_latents_mean_and_std_are_used_as_diffusers_does(tiny_pipeline_dir):
     """(z − mean)·sf/std for training, as diffusers' SDXL DreamBooth script; the pipeline decodes the inverse."""
     from singlora_diffusion.bundled import bundled_subject
-    from singlora_diffusion.pipelines import from_unet_latents
+    from singlora_diffusion.pipelines import from_denoiser_latents
     from singlora_diffusion.training.batches import LatentSource
     from singlora_diffusion.images import scan_images
 
@@ -58,7 +58,7 @@ def test_sdxl_vae_latents_mean_and_std_are_used_as_diffusers_does(tiny_pipeline_
     expected = (z.double() - m.double()) * pipe.vae.config.scaling_factor / s.double()
     got = source.scale(z[None])[0]
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(from_unet_latents(pipe.vae.config, got[None])[0], z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_denoiser_latents(pipe.vae.config, got[None])[0], z, rtol=1e-5, atol=1e-5)
     pipe.vae.register_to_config(latents_mean=None, latents_std=None)  # SD's VAEs: z·sf only
     torch.testing.assert_close(source.scale(z[None])[0], z * pipe.vae.config.scaling_factor)
 

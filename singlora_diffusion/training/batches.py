@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..images import load_image
-from ..pipelines import to_unet_latents
+from ..pipelines import to_denoiser_latents
 from .data import Crop, Size, augmentations_are_deterministic, prepare_image
 from .dataset import Concept, Item
 from .loss import draw_noise
@@ -137,35 +137,66 @@ class LatentSource:
 
     def scale(self, latents: torch.Tensor) -> torch.Tensor:
         """A batch of VAE latents as the UNet is trained on them."""
-        return to_unet_latents(self.vae.config, latents)
+        return to_denoiser_latents(self.vae.config, latents)
+
+
+def _sd(pipe, prompt, device, max_len):
+    return {"encoder_hidden_states": pipe.encode_prompt(prompt, device, 1, False)[0]}
+
+
+def _sdxl(pipe, prompt, device, max_len):
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+
+
+def _sd3(pipe, prompt, device, max_len):
+    # CLIP-L ⊕ CLIP-G states, padded to T5's width, then T5's tokens; pooled: both CLIP projections
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt, None, None, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False, max_sequence_length=max_len)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def _flux(pipe, prompt, device, max_len):
+    # T5's tokens; pooled: CLIP-L's; txt_ids: the tokens' (zero) RoPE positions, one set for the batch
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt, None, device=device, num_images_per_prompt=1,
+                                                  max_sequence_length=max_len)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+
+
+ENCODE = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+SHARED = ("txt_ids",)  # the same for every prompt: not stacked along the batch
 
 
 class PromptEncoder:
-    """Prompt embeddings through the pipeline's own encode_prompt (SD and SDXL alike).
+    """Prompt conditioning through the pipeline's own encode_prompt, as the family's forward
+    (objective.FORWARD) takes it: {"encoder_hidden_states": …, and the family's pooled inputs}.
 
-    When no text encoder trains, each prompt is encoded once and reused.
+    When no text encoder trains, each prompt is encoded once and reused. (When CLIP trains,
+    every step re-encodes, T5 included, as diffusers' SD3/Flux scripts do.)
     """
 
-    def __init__(self, pipe, cache: bool):
-        self.pipe, self.cache_enabled = pipe, cache
+    def __init__(self, pipe, cache: bool, arch: str = "sd", max_sequence_length: int | None = None):
+        self.pipe, self.cache_enabled, self.arch = pipe, cache, arch
+        self.max_sequence_length = max_sequence_length
         self.device = pipe.device  # once: the property walks every submodule
-        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        self.cache: dict[str, tuple] = {}
+        self.cache: dict[str, dict] = {}
 
-    def _encode(self, prompt: str):
-        if self.sdxl:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt, device=self.device, num_images_per_prompt=1,
-                                                           do_classifier_free_guidance=False)
-            return embeds, pooled
-        return self.pipe.encode_prompt(prompt, self.device, 1, False)[0], None
+    def _encode(self, prompt: str) -> dict:
+        return ENCODE[self.arch](self.pipe, prompt, self.device, self.max_sequence_length)
 
-    def get(self, prompt: str):
+    def get(self, prompt: str) -> dict:
         if not self.cache_enabled:
             return self._encode(prompt)
         if prompt not in self.cache:
             with torch.no_grad():
                 self.cache[prompt] = self._encode(prompt)
         return self.cache[prompt]
+
+    def batch(self, prompts: list[str]) -> dict:
+        """The conditioning of a micro-batch's prompts, stacked."""
+        conds = [self.get(p) for p in prompts]
+        return {k: conds[0][k] if k in SHARED else torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
 @dataclass
@@ -174,7 +205,7 @@ class MicroBatch:
     latents: torch.Tensor      # (b, c, h, w), VAE latents scaled for the UNet
     time_ids: torch.Tensor     # (b, 6): SDXL's size and crop conditioning
     noise: torch.Tensor
-    timesteps: torch.Tensor
+    timesteps: torch.Tensor    # DDPM timesteps, or flow-schedule indices (objective.py)
     prompts: list[str]
     n_instance: int
 
@@ -197,14 +228,17 @@ class TrainingData:
         self.class_offset = [sum(map(len, self.class_images[:c])) for c in range(len(self.class_images))]
         self.prior = source([p for images in self.class_images for p in images]) if prior else None
 
-    def sample(self, source: LatentSource, i: int, size: Size, stream: str, s: int, num_t: int):
+    def sample(self, source: LatentSource, i: int, size: Size, stream: str, s: int, draw_timestep):
         seed_sample(self.cfg.seed, stream, s)
         latent, time_id = source.get(i, size)
-        noise, t = draw_noise(tuple(latent.shape), self.cfg.noise_offset, num_t)
-        return latent, time_id, noise, t
+        noise = draw_noise(tuple(latent.shape), self.cfg.noise_offset)
+        return latent, time_id, noise, draw_timestep()
 
-    def micro_batch(self, k: int, num_train_timesteps: int) -> MicroBatch:
-        """Batch k: its instance samples (and a class sample of the same concept for each)."""
+    def micro_batch(self, k: int, draw_timestep) -> MicroBatch:
+        """Batch k: its instance samples (and a class sample of the same concept for each).
+
+        draw_timestep() draws one sample's timestep from the global RNG (the objective's).
+        """
         cfg = self.cfg
         size, members = self.plan.batch_of(k)
         first = k * cfg.train_batch_size
@@ -212,7 +246,7 @@ class TrainingData:
         for j, m in enumerate(members):
             item = self.items[m]
             samples.append(self.sample(self.instance, self.index[item.path], size, "instance", first + j,
-                                       num_train_timesteps))
+                                       draw_timestep))
             # drawn last, and only when asked for: runs without dropout keep their samples
             drop = cfg.caption_dropout_rate and bool(torch.rand(()) < cfg.caption_dropout_rate)
             prompts.append("" if drop else item.prompt)
@@ -222,7 +256,7 @@ class TrainingData:
                 n = len(self.class_images[c])
                 pick = sample_indices(n, first + j, 1, cfg.seed + 1 + 7919 * c)[0]
                 samples.append(self.sample(self.prior, self.class_offset[c] + pick, size, "class", first + j,
-                                           num_train_timesteps))
+                                           draw_timestep))
                 prompts.append(self.concepts[c].class_prompt)
         latents, time_ids, noise, timesteps = zip(*samples)
         return MicroBatch(self.instance.scale(torch.stack(latents)), torch.tensor(time_ids), torch.stack(noise),

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from ..baselines import peft_parameters
+from ..families import DENOISERS, Family, denoiser_name, family_of
+from ..errors import BadInput
 from ..files import check_writable
 from ..images import ImageFolderError, scan_images
 from ..inject import singlora_parameters
 from ..pipelines import DTYPES, check_base_exists, inject_adapters, load_pipeline, pipeline_components, resolve_base
-from ..targets import resolve_patterns
+from ..targets import check_denoiser_spec
 from .config import TrainConfig
 from .dataset import Concept, Item, load_concepts, training_items
 
@@ -49,7 +51,7 @@ def validate(cfg: TrainConfig) -> Inputs:
               for i, c in enumerate(concepts)]
     items = training_items(cfg, concepts, images)
     check_writable(cfg.output_dir, "--output_dir")
-    resolve_patterns(cfg.target_modules, "unet")
+    check_denoiser_spec(cfg.target_modules)
     base = resolve_base(cfg.pretrained_model_name_or_path)
     check_base_exists(base)
     class_images: list[list[Path]] = []
@@ -79,8 +81,21 @@ class Trainee:
     adapter: str = "singlora"
 
     @property
+    def denoiser_name(self) -> str:
+        """"unet" or "transformer"."""
+        return denoiser_name(self.components)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.components[self.denoiser_name]
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.denoiser)
+
+    @property
     def trains_text_encoders(self) -> bool:
-        return any(c != "unet" for c in self.trained)
+        return any(c not in DENOISERS for c in self.trained)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for component in self.trained for p in self.parameters_of(component)]
@@ -108,11 +123,15 @@ def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
     pipe = load_pipeline(inputs.base, dtype=weight_dtype, vae_fp32_if_upcast=True)
     components = pipeline_components(pipe)
     ramp_up_steps = cfg.resolved_ramp_up_steps(cfg.max_train_steps)
-    for model in [pipe.vae, *components.values()]:
-        model.requires_grad_(False)
+    # every model of the pipeline, T5 too (it is not among the adaptable components): a T5 left
+    # requiring grad would keep its activations for a backward that never uses them
+    for model in pipe.components.values():
+        if isinstance(model, nn.Module):
+            model.requires_grad_(False)
     # One decision of what trains: the core adapts the UNet, and the text encoders when
     # cfg.text_encoder_target_modules is set (TrainConfig.__post_init__ resolves the flags).
     # It checks --rank against every target layer before it builds any adapter.
+    check_resolution(cfg, pipe)
     injected = inject_adapters(components, cfg, ramp_up_steps)
     trained = {c: components[c] for c in injected}
     pipe.to(device)  # device only: the dtypes are as loaded
@@ -122,5 +141,23 @@ def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
     cast_training_params(list(trained.values()), dtype=torch.float32)
     if cfg.gradient_checkpointing:
         for c, model in trained.items():  # diffusers and transformers name the switch differently
-            (model.enable_gradient_checkpointing if c == "unet" else model.gradient_checkpointing_enable)()
+            (model.enable_gradient_checkpointing if c in DENOISERS else model.gradient_checkpointing_enable)()
     return Trainee(pipe, components, trained, weight_dtype, ramp_up_steps, cfg.adapter)
+
+
+def check_resolution(cfg: TrainConfig, pipe) -> None:
+    """The transformers cut latents into patches (2×2 in SD3 and Flux): every side must divide."""
+    model = getattr(pipe, "transformer", None)
+    if model is None:
+        return
+    # SD3's patch embedding is 2×2 (patch_size 2); Flux's patch_size is 1 because the pipeline packs
+    # 2×2 latent patches before the transformer sees them
+    factor = pipe.vae_scale_factor * 2
+    sides = {cfg.resolution} | ({cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps}
+                                if cfg.enable_bucket else set())
+    bad = sorted(s for s in sides if s % factor)
+    if bad:
+        raise BadInput(f"{type(pipe).__name__} needs image sides that are multiples of {factor} (the VAE's factor "
+                       f"{pipe.vae_scale_factor} × the transformer's 2×2 patches); {bad[0]} is not: change "
+                       f"--resolution (and the --*_bucket_reso settings)")
+

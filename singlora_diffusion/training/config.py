@@ -26,6 +26,8 @@ from ..targets import TargetSpec
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # Prodigy estimates its own step size; its learning rate multiplies that estimate (1.0: as estimated).
 PRODIGY_LR = 1.0
+# diffusers.training_utils.compute_density_for_timestep_sampling / compute_loss_weighting_for_sd3
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -107,11 +109,24 @@ class TrainConfig(AdapterConfig):
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     mixed_precision: str = _f("no", "no | fp16 | bf16: the frozen base in this dtype; adapters stay fp32",
                               choices=PRECISIONS)
-    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet (and text encoder)")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet / transformer (and text encoder)")
     snr_gamma: float | None = _f(None, "min-SNR loss weighting gamma (5.0 is the paper's value) of the instance "
-                                       "loss; the prior-preservation loss stays unweighted. Unset = off")
+                                       "loss; the prior-preservation loss stays unweighted. Unset = off. "
+                                       "SD1.x/2.x and SDXL only")
     noise_offset: float = _f(0.0, "offset noise strength (0.05-0.1 helps very dark/bright images)")
-    prediction_type: str | None = _f(None, "epsilon | v_prediction; unset = the base scheduler's")
+    prediction_type: str | None = _f(None, "epsilon | v_prediction; unset = the base scheduler's. SD1.x/2.x and "
+                                           "SDXL only")
+    # -- flow matching (SD3/3.5, Flux.1): diffusers' train_dreambooth_lora_sd3.py / _flux.py flags
+    weighting_scheme: str | None = _f(None, "SD3/Flux: how timesteps are drawn and the loss weighted: "
+                                            + " | ".join(WEIGHTING_SCHEMES) + "; unset = logit_normal (SD3) / "
+                                            "none (Flux), as diffusers' scripts", choices=WEIGHTING_SCHEMES)
+    logit_mean: float = _f(0.0, "SD3/Flux, logit_normal: mean of the normal whose sigmoid is σ")
+    logit_std: float = _f(1.0, "SD3/Flux, logit_normal: its standard deviation")
+    mode_scale: float = _f(1.29, "SD3/Flux, mode: the scale of the mode density (SD3 paper Eq. 20)")
+    guidance_scale: float = _f(3.5, "Flux.1-dev: the distilled-guidance input during training (unused by "
+                                    "models without guidance embeddings)")
+    max_sequence_length: int | None = _f(None, "SD3/Flux: T5 prompt tokens; unset = 77 (SD3) / 512 (Flux), as "
+                                               "diffusers' scripts")
     cache_latents: bool = _f(True, "encode images with the VAE once when augmentations are deterministic")
     cache_text_embeddings: bool = _f(True, "encode prompts once when the text encoder is frozen")
     dataloader_num_workers: int = _f(0, "accepted for diffusers' command lines, and ignored: this trainer has "
@@ -157,6 +172,13 @@ class TrainConfig(AdapterConfig):
             self.caption_extension = "." + self.caption_extension
         if self.enable_bucket:
             self._check_buckets()
+        if self.weighting_scheme is not None and self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise BadInput(f"weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got "
+                           f"{self.weighting_scheme!r}")
+        if self.logit_std <= 0:
+            raise BadInput(f"logit_std must be > 0, got {self.logit_std}")
+        if self.max_sequence_length is not None and int(self.max_sequence_length) < 1:
+            raise BadInput(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise BadInput(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
         # One decision, two spellings: diffusers' --train_text_encoder (on our default

@@ -24,7 +24,8 @@ from .build import Inputs, Trainee
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .dataset import validation_prompts
-from .loss import dreambooth_loss, per_sample_mse, snr_weights, target_of
+from .loss import dreambooth_loss
+from .objective import DEFAULT_MAX_SEQUENCE_LENGTH, FORWARD, make_objective
 from .optim import AdapterEMA, make_optimizer, param_groups
 from .weights import read_weights, write_weights
 
@@ -45,26 +46,24 @@ def ramp_value(trainee: Trainee):
     """A function giving the current u(t) (1.0 for LoRA/DoRA); the module is looked up once."""
     if trainee.adapter != "singlora":
         return lambda: 1.0
-    m = next(iter(singlora_modules(trainee.pipe.unet).values()))
+    m = next(iter(singlora_modules(trainee.denoiser).values()))
     return lambda: float(ramp(m.singlora_step, m.ramp_up_steps))
 
 
-def micro_batch_loss(cfg: TrainConfig, trainee: Trainee, accelerator, noise_scheduler, prompts: PromptEncoder,
+def micro_batch_loss(cfg: TrainConfig, trainee: Trainee, accelerator, objective, prompts: PromptEncoder,
                      data: TrainingData, k: int):
     """The DreamBooth loss of batch k of the global stream (instance samples, and as many class samples)."""
     device, dtype = accelerator.device, trainee.weight_dtype
-    batch = data.micro_batch(k, noise_scheduler.config.num_train_timesteps)
+    batch = data.micro_batch(k, objective.draw_timestep)
     latents = batch.latents.to(device, dtype)
     noise, timesteps = batch.noise.to(latents), batch.timesteps.to(device)
-    embeds, pooled = zip(*(prompts.get(t) for t in batch.prompts))
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    cond = {}
-    if pooled[0] is not None:  # SDXL: pooled text and micro-conditioning (original size, crop, target size)
-        cond = {"added_cond_kwargs": {"text_embeds": torch.cat(pooled), "time_ids": batch.time_ids.to(device, dtype)}}
+    cond = prompts.batch(batch.prompts)
+    if "text_embeds" in cond:  # SDXL's micro-conditioning (original size, crop, target size)
+        cond["time_ids"] = batch.time_ids.to(device, dtype)
+    noisy = objective.noisy(latents, noise, timesteps)
     with accelerator.autocast():
-        pred = trainee.pipe.unet(noisy, timesteps, torch.cat(embeds), **cond).sample
-    mse = per_sample_mse(pred, target_of(noise_scheduler, latents, noise, timesteps))
-    weights = None if cfg.snr_gamma is None else snr_weights(noise_scheduler, timesteps, cfg.snr_gamma)
+        pred = FORWARD[trainee.family.arch](trainee.pipe, noisy, objective.model_timesteps(timesteps), cond, cfg)
+    mse, weights = objective.errors(pred, latents, noise, timesteps)
     return dreambooth_loss(mse, batch.n_instance, cfg.prior_loss_weight, weights)
 
 
@@ -87,17 +86,15 @@ class TrainingLoop:
     """One fit in progress: what trains (optimizer, LR schedule, data sources) and where it stands."""
 
     def __init__(self, cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator):
-        from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
 
         self.cfg, self.trainee, self.accelerator = cfg, trainee, accelerator
-        pipe = trainee.pipe
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        if cfg.prediction_type:
-            self.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+        pipe, family = trainee.pipe, trainee.family
+        self.objective = make_objective(cfg, pipe, family)
         self.data = TrainingData(cfg, pipe.vae, inputs.concepts, inputs.items, inputs.class_images,
                                  cfg.with_prior_preservation)
-        self.prompts = PromptEncoder(pipe, cache=cfg.cache_text_embeddings and not trainee.trains_text_encoders)
+        self.prompts = PromptEncoder(pipe, cfg.cache_text_embeddings and not trainee.trains_text_encoders, family.arch,
+                                     cfg.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(family.arch))
         self.params = trainee.parameters()
         self.optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, param_groups(cfg, trainee)))
         self.ema = AdapterEMA(self.params, cfg.ema_decay) if cfg.use_ema else None
@@ -131,10 +128,10 @@ class TrainingLoop:
         cfg, accelerator = self.cfg, self.accelerator
         micro_logs = []
         for _ in range(cfg.gradient_accumulation_steps):
-            with accelerator.accumulate(self.trainee.pipe.unet):
+            with accelerator.accumulate(self.trainee.denoiser):
                 # This rank's batch of the global stream (see batches.BatchPlan).
                 k = self.samples // cfg.train_batch_size + accelerator.process_index
-                loss, logs = micro_batch_loss(cfg, self.trainee, accelerator, self.noise_scheduler, self.prompts,
+                loss, logs = micro_batch_loss(cfg, self.trainee, accelerator, self.objective, self.prompts,
                                               self.data, k)
                 if not torch.isfinite(loss):  # before backward: a NaN never reaches the weights
                     raise TrainingDiverged(

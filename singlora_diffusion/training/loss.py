@@ -1,4 +1,7 @@
-"""The denoising loss: noise, target (epsilon or v), min-SNR weighting, prior split."""
+"""The denoising loss: noise, target (epsilon or v), min-SNR weighting, prior split.
+
+Flow matching's target and weights are in objective.py (FlowObjective), from diffusers' own.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,13 +9,13 @@ from torch.nn import functional as F
 from ..errors import BadInput
 
 
-def draw_noise(shape: tuple[int, ...], noise_offset: float, num_train_timesteps: int):
-    """Noise (c, h, w) and a timestep for one sample, from the global RNG (seeded per sample)."""
+def draw_noise(shape: tuple[int, ...], noise_offset: float) -> torch.Tensor:
+    """Noise (c, h, w) for one sample, from the global RNG (seeded per sample)."""
     noise = torch.randn(shape)
     if noise_offset:
         # Offset noise (Guttenberg 2023): a per-channel constant lets the model learn overall brightness.
         noise = noise + noise_offset * torch.randn(shape[0], 1, 1)
-    return noise, torch.randint(0, num_train_timesteps, ())
+    return noise
 
 
 def target_of(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:

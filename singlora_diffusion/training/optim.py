@@ -17,6 +17,7 @@ import importlib.util
 from contextlib import contextmanager
 import torch
 
+from ..families import DENOISERS
 from ..errors import BadInput, MissingDependency
 from .build import Trainee
 from .config import TrainConfig
@@ -55,7 +56,7 @@ def check_optimizer(cfg: TrainConfig) -> None:
 
 
 def component_lr(cfg: TrainConfig, component: str) -> float:
-    if component == "unet" or cfg.text_encoder_lr is None:
+    if component in DENOISERS or cfg.text_encoder_lr is None:
         return cfg.learning_rate
     return cfg.text_encoder_lr
 

@@ -72,7 +72,7 @@ def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> 
         "=" * 72,
         f" base        {cfg.pretrained_model_name_or_path} ({type(trainee.pipe).__name__})",
         f" adapter     {cfg.adapter}, rank {cfg.rank}, alpha {cfg.alpha:g}, ramp T = {trainee.ramp_up_steps} steps",
-        f" targets     unet: {cfg.target_modules}"
+        f" targets     {trainee.denoiser_name}: {cfg.target_modules}"
         + ("" if cfg.text_encoder_target_modules is None else f"; text encoders: {cfg.text_encoder_target_modules}"),
         f" trainable   {n_params:,} parameters",
         *image_lines(cfg, inputs),

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from ..baselines import PEFT_ADAPTERS
-from ..export import export_diffusers, export_kohya
+from ..export import KOHYA_PREFIX, export_diffusers, export_kohya
 from ..format import WEIGHTS_NAME, diffusers_lora_name, read_adapter, save_adapter
 from ..inject import set_step, singlora_modules
+from ..families import DENOISERS
 from ..targets import COMPONENT_KIND
 from .build import Trainee
 from ..errors import BadInput
@@ -37,7 +38,8 @@ def kohya_file_name(output_dir: Path) -> str:
 
 def write_weights(trainee: Trainee, folder: Path, base_model: str, cfg) -> Path:
     if trainee.adapter == "singlora":
-        return save_adapter(folder / WEIGHTS_NAME, trainee.trained, base_model, cfg.target_modules,
+        # every component, not only the trained ones: the file's base_arch is read from the denoiser
+        return save_adapter(folder / WEIGHTS_NAME, trainee.components, base_model, cfg.target_modules,
                             cfg.text_encoder_target_modules)
     from safetensors.torch import save_file
 
@@ -79,15 +81,17 @@ def write_final(trainee: Trainee, output_dir: Path, base_model: str, cfg) -> dic
         kohya = output_dir / kohya_file_name(output_dir)
         training = {"resolution": cfg.resolution, "max_train_steps": cfg.max_train_steps,
                     "output_name": kohya.stem, "instance_prompt": cfg.instance_prompt or cfg.concepts_list}
-        return {"adapter": native, "diffusers": export_diffusers(native, output_dir),
-                "kohya": export_kohya(native, kohya, training=training)}
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        files = {"adapter": native, "diffusers": export_diffusers(native, output_dir)}
+        if trainee.family.arch in KOHYA_PREFIX:  # SD3/Flux: ComfyUI reads the diffusers file's transformer. keys
+            files["kohya"] = export_kohya(native, kohya, training=training)
+        return files
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers, metadata = {}, {}
     for component, model in trainee.trained.items():
         state = get_peft_model_state_dict(model)
-        if component != "unet":
+        if component not in DENOISERS:
             # DoRA magnitudes as `….lora_magnitude_vector.weight`: transformers 5 loads text-encoder
             # LoRA files itself and maps only that form to its module (PEFT's loader, used for the
             # UNet and by older transformers, maps both); without it the text encoders' magnitudes
@@ -98,7 +102,8 @@ def write_final(trainee: Trainee, output_dir: Path, base_model: str, cfg) -> dic
         metadata[f"{component}_lora_adapter_metadata"] = {
             "r": cfg.rank, "lora_alpha": cfg.alpha, "use_dora": PEFT_ADAPTERS[cfg.adapter],
             "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in state})}
-    writer = StableDiffusionXLPipeline if "text_encoder_2" in trainee.components else StableDiffusionPipeline
+    # the family's pipeline writes its own layout (unet./transformer., text_encoder./text_encoder_2.)
+    writer = getattr(diffusers, trainee.family.pipeline)
     writer.save_lora_weights(str(output_dir), **layers, **metadata)
     return {"diffusers": output_dir / diffusers_lora_name()}
 
