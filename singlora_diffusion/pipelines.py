@@ -93,6 +93,19 @@ def inject_adapters(components: dict[str, nn.Module], cfg: AdapterConfig,
     return injected
 
 
+def native_size(pipe) -> int:
+    """The image side the pipeline renders by default (its own size): the denoiser's sample size in
+    latents × the VAE's factor (FluxPipeline keeps it as default_sample_size; its transformer has none)."""
+    sample = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
+    return int(sample) * pipe.vae_scale_factor
+
+
+def side_multiple(pipe) -> int:
+    """What every image side must be a multiple of: the VAE's factor, × 2 for the transformers, whose
+    tokens are 2×2 latent patches (SD3's patch embedding; the latents Flux's pipeline packs)."""
+    return pipe.vae_scale_factor * (2 if getattr(pipe, "transformer", None) is not None else 1)
+
+
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub itself reads it (1/ON/YES/TRUE, at its import)."""
     from huggingface_hub import constants

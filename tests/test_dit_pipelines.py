@@ -140,3 +140,76 @@ def test_training_freezes_t5(tiny_pipeline_dir, tmp_path):
     trained = {id(p) for p in trainee.parameters()}
     assert trained and all(id(p) in trained for m in trainee.pipe.components.values() if isinstance(m, nn.Module)
                            for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_web_ui_cost_model_counts_what_the_transformer_computes(arch, tiny_pipeline_dir):
+    """The web UI's request budget (webui/budget.py) on these families: FLOPs of one step of the meta-device
+    copy against torch's counter on the real transformer, attention as plain matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from singlora_diffusion.pipelines import native_size
+    from singlora_diffusion.webui.budget import CostModel, _count
+
+    pipe = load_pipeline(f"tiny:{arch}")
+    model = CostModel(pipe)
+    counted, peak = _count(model.step_of(model.denoiser, 2, 8, 8))
+    t, c = pipe.transformer, pipe.transformer.config
+    if arch == "sd3":
+        inputs = dict(hidden_states=torch.randn(2, 16, 8, 8), encoder_hidden_states=torch.randn(2, 333, 32),
+                      pooled_projections=torch.randn(2, 64), timestep=torch.tensor([10.0, 10.0]))
+    else:  # 8x8 latents = 16 tokens of 2x2 patches; 512 T5 tokens
+        inputs = dict(hidden_states=torch.randn(2, 16, 64), encoder_hidden_states=torch.randn(2, 512, 32),
+                      pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.5, 0.5]),
+                      guidance=torch.tensor([3.5, 3.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(512, 3))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
+        t(**inputs)
+    assert counted == pytest.approx(counter.get_total_flops(), rel=1e-6) and peak > 0
+    # Flux's guidance is an input, not a second pass; SD3's classifier-free guidance doubles the batch
+    doubled = model.cost(32, 32, 1, 2, 4.0).flops > model.cost(32, 32, 1, 2, 1.0).flops
+    assert doubled == (arch == "sd3")
+    assert native_size(pipe) == (32 if arch == "sd3" else 256)  # sample size × the tiny VAE's factor 2
+
+
+def test_web_ui_refuses_sides_the_patches_cannot_take(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """With the real VAEs' factor 8, SD3/Flux need sides of 16·k: a 520 px request is refused in one
+    line, before any work (diffusers' SD3 pipeline would raise mid-request)."""
+    from singlora_diffusion.webui.handlers import generate, open_state
+    from singlora_diffusion.webui.requests import BadRequest, GenerateRequest
+
+    state = open_state("tiny:sd3", tmp_path / "adapters", tmp_path / "work")
+    monkeypatch.setattr(state.engine.pipe, "vae_scale_factor", 8)
+    with pytest.raises(BadRequest, match="width must be divisible by 16 for this StableDiffusion3Pipeline.*520"):
+        generate(state, GenerateRequest(prompt="a photo", steps=2, width=520, height=512))
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_evaluation_renders_base_and_adapter_on_the_transformers(arch, tiny_pipeline_dir, tmp_path):
+    """eval/evaluate.py on SD3 / Flux: the adapter's images are not the base's (the adapter is applied),
+    every image is scored."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from singlora_diffusion.bundled import bundled_subject
+    from singlora_diffusion.evaluation import run
+    from singlora_diffusion.format import save_adapter
+
+    pipe = load_pipeline(f"tiny:{arch}")
+    components = pipeline_components(pipe)
+    inject_adapters(components, AdapterConfig(rank=4, alpha=64.0))  # a strong adapter at initialisation
+    adapter = save_adapter(tmp_path / "a.safetensors", components, f"tiny:{arch}")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {} on the beach\n")
+    out = tmp_path / "report"
+    assert run.main(["--adapter", str(adapter), "--base", f"tiny:{arch}", "--subject_dir", str(bundled_subject()),
+                     "--prompts", str(prompts), "--baseline", "--out", str(out), "--num_images", "1", "--steps", "2",
+                     "--resolution", "32", "--allow_random_weights", "--batch_size", "1"]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert {m: v["images"] for m, v in scores["overall"]["methods"].items()} == {"base": 1, "adapter": 1}
+    base, adapted = (np.asarray(Image.open(next((out / "images" / "dog3" / m).glob("*.png"))), dtype=float)
+                     for m in ("base", "adapter"))
+    assert base.shape == (32, 32, 3) and np.abs(base - adapted).max() > 1

@@ -14,7 +14,7 @@ from ..errors import BadInput
 from ..files import check_writable
 from ..images import ImageFolderError, scan_images
 from ..inject import singlora_parameters
-from ..pipelines import DTYPES, check_base_exists, inject_adapters, load_pipeline, pipeline_components, resolve_base
+from ..pipelines import DTYPES, side_multiple, check_base_exists, inject_adapters, load_pipeline, pipeline_components, resolve_base
 from ..targets import check_denoiser_spec
 from .config import TrainConfig
 from .dataset import Concept, Item, load_concepts, training_items
@@ -147,12 +147,9 @@ def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
 
 def check_resolution(cfg: TrainConfig, pipe) -> None:
     """The transformers cut latents into patches (2×2 in SD3 and Flux): every side must divide."""
-    model = getattr(pipe, "transformer", None)
-    if model is None:
-        return
-    # SD3's patch embedding is 2×2 (patch_size 2); Flux's patch_size is 1 because the pipeline packs
-    # 2×2 latent patches before the transformer sees them
-    factor = pipe.vae_scale_factor * 2
+    if getattr(pipe, "transformer", None) is None:
+        return  # UNets: the config's multiple of 8 is the VAE's factor
+    factor = side_multiple(pipe)
     sides = {cfg.resolution} | ({cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps}
                                 if cfg.enable_bucket else set())
     bad = sorted(s for s in sides if s % factor)

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..pipelines import TOY_BASE
+from ..pipelines import TOY_BASE, native_size
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -51,7 +51,7 @@ def _generate_tab(gr, cb, one_line: dict) -> None:
 
     engine = cb.state.engine
     suited = profile(engine.base)
-    native = engine.pipe.unet.config.sample_size * engine.pipe.vae_scale_factor  # the model's own size
+    native = native_size(engine.pipe)
     with gr.Row():
         base_box = gr.Textbox(value=engine.base, label=f"Base model (hub id, local folder, single-file checkpoint, "
                                                        f"or {TOY_BASE})")

@@ -1,6 +1,6 @@
 """What a generate request will cost, counted before any work is done, and the limits it must fit.
 
-The loaded UNet and VAE are rebuilt from their configs on the meta device (shapes
+The loaded UNet (or SD3 / Flux transformer) and VAE are rebuilt from their configs on the meta device (shapes
 only: no memory, no arithmetic) and run once at the requested size. That counts the
 FLOPs of one denoising step and one VAE decode and the peak bytes of activations
 alive at once, for this model at this size: attention's quadratic growth and the
@@ -80,7 +80,9 @@ class _FusedAttention(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            q, k, v = args[:3]
+            # positional (diffusers' UNet processors) or by name (its attention dispatcher: SD3, Flux)
+            named = dict(zip(("query", "key", "value"), args[:3]), **kwargs)
+            q, k, v = named["query"], named["key"], named["value"]
             batch = q.shape[:-2].numel()
             self.flops += 2 * 2 * batch * q.shape[-2] * k.shape[-2] * q.shape[-1]  # QKᵀ and PV
             return q.new_empty((*q.shape[:-1], v.shape[-1]))
@@ -96,39 +98,69 @@ def _count(fn) -> tuple[float, int]:
     return counter.get_total_flops() + fused.flops, live.peak
 
 
+# text tokens the pipelines render with by default: CLIP's 77, SD3's 77 + 256 T5 tokens, Flux's 512 T5 tokens
+_TEXT_TOKENS = {"sd": 77, "sdxl": 77, "sd3": 77 + 256, "flux": 512}
+
+
+def _empty(*shape, like):
+    return torch.empty(*shape, device="meta", dtype=like.dtype)
+
+
+def _unet_step(u, batch: int, h: int, w: int):
+    x, text = _empty(batch, u.config.in_channels, h, w, like=u), _empty(batch, 77, u.config.cross_attention_dim, like=u)
+    extra = {}
+    if u.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and the six size/crop numbers
+        time_dim = 6 * u.config.addition_time_embed_dim
+        pooled = u.config.projection_class_embeddings_input_dim - time_dim
+        extra = {"added_cond_kwargs": {"text_embeds": _empty(batch, pooled, like=u), "time_ids": _empty(batch, 6, like=u)}}
+    return lambda: u(x, torch.tensor(10, device="meta"), text, **extra)
+
+
+def _sd3_step(t, batch: int, h: int, w: int):
+    c = t.config
+    x, text = _empty(batch, c.in_channels, h, w, like=t), _empty(batch, _TEXT_TOKENS["sd3"], c.joint_attention_dim, like=t)
+    pooled, step = _empty(batch, c.pooled_projection_dim, like=t), _empty(batch, like=t)
+    return lambda: t(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=step)
+
+
+def _flux_step(t, batch: int, h: int, w: int):
+    c, tokens, words = t.config, (h // 2) * (w // 2), _TEXT_TOKENS["flux"]
+    x, text = _empty(batch, tokens, c.in_channels, like=t), _empty(batch, words, c.joint_attention_dim, like=t)
+    pooled, step = _empty(batch, c.pooled_projection_dim, like=t), _empty(batch, like=t)
+    guidance = _empty(batch, like=t) if c.guidance_embeds else None
+    return lambda: t(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=step,
+                     guidance=guidance, img_ids=_empty(tokens, 3, like=t), txt_ids=_empty(words, 3, like=t))
+
+
+# family -> one denoising step's forward on the meta device, and whether guidance > 1 doubles the batch
+# (Flux.1's guidance is an input of the distilled model, not a second pass)
+_STEP = {"sd": (_unet_step, True), "sdxl": (_unet_step, True), "sd3": (_sd3_step, True), "flux": (_flux_step, False)}
+
+
 class CostModel:
-    """Meta-device copies of a pipeline's UNet and VAE; cost(...) per request, cached by shape."""
+    """Meta-device copies of a pipeline's denoiser (UNet or transformer) and VAE; cost(...) per
+    request, cached by shape."""
 
     def __init__(self, pipe):
         import logging
 
         from diffusers.utils import logging as diffusers_logging
 
-        unet, vae = pipe.unet, pipe.vae
+        from ..families import family_of
+        from ..pipelines import denoiser
+
+        model, vae = denoiser(pipe), pipe.vae
         level = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity(logging.ERROR)  # from_config + .to(dtype) warns about fp32 modules
         try:
             with torch.device("meta"):
-                self.unet = type(unet).from_config(unet.config).to(unet.dtype)
+                self.denoiser = type(model).from_config(model.config).to(model.dtype)
                 self.vae = type(vae).from_config(vae.config).to(vae.dtype)
         finally:
             diffusers_logging.set_verbosity(level)
         self.scale = pipe.vae_scale_factor
-        self.cross_dim = unet.config.cross_attention_dim
-        self.sdxl = unet.config.addition_embed_type == "text_time"
+        self.step_of, self.cfg_doubles = _STEP[family_of(model).arch]
         self._cache: dict[tuple, tuple[float, int, float, int]] = {}
-
-    def _unet_step(self, batch: int, h: int, w: int):
-        u = self.unet
-        x = torch.empty(batch, u.config.in_channels, h, w, device="meta", dtype=u.dtype)
-        text = torch.empty(batch, 77, self.cross_dim, device="meta", dtype=u.dtype)
-        extra = {}
-        if self.sdxl:  # pooled text embedding and the six size/crop numbers
-            time_dim = 6 * u.config.addition_time_embed_dim
-            pooled = u.config.projection_class_embeddings_input_dim - time_dim
-            extra = {"added_cond_kwargs": {"text_embeds": torch.empty(batch, pooled, device="meta", dtype=u.dtype),
-                                           "time_ids": torch.empty(batch, 6, device="meta", dtype=u.dtype)}}
-        return lambda: u(x, torch.tensor(10, device="meta"), text, **extra)
 
     def _decode(self, h: int, w: int):
         v = self.vae
@@ -137,10 +169,10 @@ class CostModel:
 
     def cost(self, width: int, height: int, num_images: int, steps: int, guidance: float) -> Cost:
         h, w = height // self.scale, width // self.scale
-        batch = num_images * (2 if guidance > 1 else 1)  # classifier-free guidance runs the UNet twice
+        batch = num_images * (2 if guidance > 1 and self.cfg_doubles else 1)  # classifier-free guidance: 2 passes
         key = (h, w, batch)
         if key not in self._cache:
-            self._cache[key] = (*_count(self._unet_step(batch, h, w)), *_count(self._decode(h, w)))
+            self._cache[key] = (*_count(self.step_of(self.denoiser, batch, h, w)), *_count(self._decode(h, w)))
         step_flops, step_bytes, decode_flops, decode_bytes = self._cache[key]
         return Cost(steps * step_flops + num_images * decode_flops, max(step_bytes, decode_bytes))
 

@@ -22,7 +22,7 @@ from ..adapters import adapters_off, apply_adapter, check_adapter_file, remove_a
 from ..errors import UserError
 from ..files import atomic_path, sha256
 from ..generate import render
-from ..pipelines import inference_dtype, load_pipeline
+from ..pipelines import inference_dtype, load_pipeline, side_multiple
 from . import budget
 from .requests import BadRequest, GenerateRequest
 
@@ -129,6 +129,11 @@ class Engine:
         return budget.Limits(self.device, self.speed, self.max_seconds, budget.free_bytes(self.device))
 
     def cost(self, req: GenerateRequest, renders: int = 1) -> budget.Cost:
+        step = side_multiple(self.pipe)  # SD3 / Flux: 16 with their real VAEs (requests.py checks 8)
+        for name in ("width", "height"):
+            if getattr(req, name) % step:
+                raise BadRequest(f"{name} must be divisible by {step} for this {type(self.pipe).__name__} (its "
+                                 f"VAE's factor x the transformer's 2x2 patches), got {getattr(req, name)}.")
         c = self.cost_model.cost(req.width, req.height, req.num_images, req.steps, req.guidance)
         return budget.Cost(renders * c.flops, c.peak_bytes)
 
