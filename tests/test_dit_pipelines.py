@@ -155,7 +155,7 @@ def test_web_ui_cost_model_counts_what_the_transformer_computes(arch, tiny_pipel
     pipe = load_pipeline(f"tiny:{arch}")
     model = CostModel(pipe)
     counted, peak = _count(model.step_of(model.denoiser, 2, 8, 8))
-    t, c = pipe.transformer, pipe.transformer.config
+    t = pipe.transformer
     if arch == "sd3":
         inputs = dict(hidden_states=torch.randn(2, 16, 8, 8), encoder_hidden_states=torch.randn(2, 333, 32),
                       pooled_projections=torch.randn(2, 64), timestep=torch.tensor([10.0, 10.0]))
