@@ -72,7 +72,7 @@ def test_flow_matching_loss_of_a_fixed_batch_matches_float64(arch, options, tiny
         lambda m, args, kwargs, out: seen.update(kwargs, pred=out.sample.double()), with_kwargs=True)
     data = TrainingData(cfg, trainee.pipe.vae, inputs.concepts, inputs.items, inputs.class_images,
                         cfg.with_prior_preservation)
-    prompts = loop.PromptEncoder(trainee.pipe, True, arch, 16)
+    prompts = loop.PromptEncoder(trainee.pipe, True, 16)
     loss, _ = loop.micro_batch_loss(cfg, trainee, accelerator, objective, prompts, data, k=3)
 
     x0, noise, index = draws[0].latents.double(), draws[0].noise.double(), draws[0].timesteps

@@ -176,9 +176,15 @@ class PromptEncoder:
     every step re-encodes, T5 included, as diffusers' SD3/Flux scripts do.)
     """
 
-    def __init__(self, pipe, cache: bool, arch: str = "sd", max_sequence_length: int | None = None):
-        self.pipe, self.cache_enabled, self.arch = pipe, cache, arch
-        self.max_sequence_length = max_sequence_length
+    def __init__(self, pipe, cache: bool, max_sequence_length: int | None = None):
+        from ..families import family_of
+        from ..pipelines import denoiser
+        from .objective import DEFAULT_MAX_SEQUENCE_LENGTH
+
+        self.pipe, self.cache_enabled = pipe, cache
+        self.arch = family_of(denoiser(pipe)).arch
+        # T5 tokens (SD3 / Flux): as given, else the family's default in diffusers' scripts
+        self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(self.arch)
         self.device = pipe.device  # once: the property walks every submodule
         self.cache: dict[str, dict] = {}
 

@@ -25,7 +25,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .dataset import validation_prompts
 from .loss import dreambooth_loss
-from .objective import DEFAULT_MAX_SEQUENCE_LENGTH, FORWARD, make_objective
+from .objective import FORWARD, make_objective
 from .optim import AdapterEMA, make_optimizer, param_groups
 from .weights import read_weights, write_weights
 
@@ -89,12 +89,12 @@ class TrainingLoop:
         from diffusers.optimization import get_scheduler
 
         self.cfg, self.trainee, self.accelerator = cfg, trainee, accelerator
-        pipe, family = trainee.pipe, trainee.family
-        self.objective = make_objective(cfg, pipe, family)
+        pipe = trainee.pipe
+        self.objective = make_objective(cfg, pipe, trainee.family)
         self.data = TrainingData(cfg, pipe.vae, inputs.concepts, inputs.items, inputs.class_images,
                                  cfg.with_prior_preservation)
-        self.prompts = PromptEncoder(pipe, cfg.cache_text_embeddings and not trainee.trains_text_encoders, family.arch,
-                                     cfg.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(family.arch))
+        self.prompts = PromptEncoder(pipe, cfg.cache_text_embeddings and not trainee.trains_text_encoders,
+                                     cfg.max_sequence_length)
         self.params = trainee.parameters()
         self.optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, param_groups(cfg, trainee)))
         self.ema = AdapterEMA(self.params, cfg.ema_decay) if cfg.use_ema else None
