@@ -203,6 +203,27 @@ def check_base_exists(base: str | os.PathLike) -> None:
                                     f"online or pass a local diffusers folder")
 
 
+def peek_family(base: str | os.PathLike):
+    """The family of a base from its model_index.json alone (a folder, or a hub id in the cache),
+    before any model loads; None when that file is not at hand (single-file checkpoints: SD only)."""
+    import json
+
+    from .single_file import is_single_file
+
+    if is_single_file(base):
+        return None
+    path = Path(resolve_base(base)) / "model_index.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(base), "model_index.json")
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    pipeline = json.loads(path.read_text()).get("_class_name")
+    return next((f for f in FAMILIES.values() if f.pipeline == pipeline), None)
+
+
 def inference_dtype(device: str | torch.device) -> torch.dtype:
     """fp16 on a GPU, as diffusers' examples render; float32 on a CPU, where fp16 kernels are slow."""
     return torch.float16 if str(device).startswith("cuda") else torch.float32

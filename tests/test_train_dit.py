@@ -135,9 +135,16 @@ def test_diffusers_pipeline_loads_the_export_with_equal_outputs(arch, tiny_pipel
     torch.testing.assert_close(latents(theirs), injected, rtol=1e-4, atol=1e-4)
 
 
-def test_flags_of_the_other_objective_are_refused(tiny_pipeline_dir, tmp_path):
+def test_flags_of_the_other_objective_are_refused_before_the_base_loads(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import importlib
+
+    build_module = importlib.import_module("singlora_diffusion.training.build")
+
+    monkeypatch.setattr(build_module, "load_pipeline", lambda *a, **k: pytest.fail("the base was loaded"))
     with pytest.raises(BadInput, match="--snr_gamma is for SD1.x/2.x and SDXL.*--weighting_scheme"):
         train(dit_config(tiny_pipeline_dir("flux"), tmp_path / "a", snr_gamma=5.0))
+    with pytest.raises(BadInput, match="--prediction_type is for SD1.x/2.x"):
+        train(dit_config("tiny:sd3", tmp_path / "a", prediction_type="epsilon"))
     with pytest.raises(BadInput, match="--weighting_scheme is for SD3/3.5 and Flux.1"):
         train(tiny_config(tiny_pipeline_dir(), tmp_path / "b", weighting_scheme="logit_normal"))
 

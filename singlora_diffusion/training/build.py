@@ -14,9 +14,10 @@ from ..errors import BadInput
 from ..files import check_writable
 from ..images import ImageFolderError, scan_images
 from ..inject import singlora_parameters
-from ..pipelines import DTYPES, side_multiple, check_base_exists, inject_adapters, load_pipeline, pipeline_components, resolve_base
+from ..pipelines import DTYPES, peek_family, side_multiple, check_base_exists, inject_adapters, load_pipeline, pipeline_components, resolve_base
 from ..targets import check_denoiser_spec
 from .config import TrainConfig
+from .objective import check_objective_flags
 from .dataset import Concept, Item, load_concepts, training_items
 
 
@@ -54,6 +55,9 @@ def validate(cfg: TrainConfig) -> Inputs:
     check_denoiser_spec(cfg.target_modules)
     base = resolve_base(cfg.pretrained_model_name_or_path)
     check_base_exists(base)
+    family = peek_family(base)
+    if family is not None:  # a DDPM flag on a flow-matching base (or back), said before the base loads
+        check_objective_flags(cfg, family)
     class_images: list[list[Path]] = []
     if cfg.with_prior_preservation:
         for i, concept in enumerate(concepts):

@@ -99,6 +99,11 @@ OBJECTIVES = {"ddpm": DDPMObjective, "flow": FlowObjective}
 
 def make_objective(cfg, pipe, family: Family):
     """The family's objective; flags of the other objective are refused, not ignored."""
+    check_objective_flags(cfg, family)
+    return OBJECTIVES[family.objective](cfg, pipe, family)
+
+
+def check_objective_flags(cfg, family: Family) -> None:
     if family.objective == "flow":
         wrong = [f for f, v in (("snr_gamma", cfg.snr_gamma), ("prediction_type", cfg.prediction_type)) if v is not None]
         if wrong:
@@ -107,7 +112,6 @@ def make_objective(cfg, pipe, family: Family):
     elif cfg.weighting_scheme is not None:
         raise BadInput(f"--weighting_scheme is for SD3/3.5 and Flux.1 (flow matching); {family.pipeline} trains on "
                        f"DDPM: drop it (--snr_gamma weights its loss)")
-    return OBJECTIVES[family.objective](cfg, pipe, family)
 
 
 # -- each family's forward: noisy latents (b, c, h, w), timesteps, conditioning -> prediction (b, c, h, w)
