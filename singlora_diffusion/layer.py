@@ -20,6 +20,7 @@ the forward pass, merge/unmerge and the export to standard LoRA all use it.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -166,8 +167,9 @@ class SingLoRALinear(nn.Module):
                                    f"(which re-merges) or unmerge() before calling it with another scale")
             return out
         # The adapter path runs in float32 even inside autocast (which would
-        # otherwise run these matmuls in bf16/fp16); its output is cast back.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # otherwise run these matmuls in bf16/fp16); its output is cast back. The meta device (memory
+        # counted without memory, bench/dit_memory.py) has no autocast to turn off.
+        with torch.autocast(device_type=x.device.type, enabled=False) if x.device.type != "meta" else nullcontext():
             A = self.singlora_A.to(torch.float32)  # no copy: A is float32 (see __init__)
             up, down = lowrank_factors(A, self.d_out, self.d_in, self.coef(scale))
             # x·ΔWᵀ as two thin matmuls: O(tokens·n·r), never the full d_out×d_in ΔW.

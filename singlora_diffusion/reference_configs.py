@@ -142,6 +142,22 @@ TRANSFORMER_CONFIGS = {
 }
 
 
+# google/t5-v1_1-xxl's encoder: SD3's text_encoder_3 and Flux's text_encoder_2
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+# the 16-channel VAE of SD3 and Flux (vae/config.json): SD1's block layout, 16 latent channels, no quant convs
+DIT_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, norm_num_groups=32,
+               block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, use_quant_conv=False,
+               use_post_quant_conv=False)
+# each family's text encoders, by (class, config)
+DIT_TEXT_ENCODERS = {
+    "sd3": (("CLIPTextModelWithProjection", CLIP_L), ("CLIPTextModelWithProjection", CLIP_BIGG),
+            ("T5EncoderModel", T5_XXL)),
+    "flux": (("CLIPTextModel", CLIP_L), ("T5EncoderModel", T5_XXL)),
+}
+
+
 def meta_transformer(name: str):
     """A full-size SD3.5 / Flux.1 transformer on the meta device: its modules and shapes, no memory."""
     import diffusers

@@ -150,11 +150,11 @@ def test_web_ui_cost_model_counts_what_the_transformer_computes(arch, tiny_pipel
     from torch.utils.flop_counter import FlopCounterMode
 
     from singlora_diffusion.pipelines import native_size
-    from singlora_diffusion.webui.budget import CostModel, _count
+    from singlora_diffusion.webui.budget import CostModel, count_on_meta
 
     pipe = load_pipeline(f"tiny:{arch}")
     model = CostModel(pipe)
-    counted, peak = _count(model.step_of(model.denoiser, 2, 8, 8))
+    counted, peak = count_on_meta(model.step_of(model.denoiser, 2, 8, 8))
     t = pipe.transformer
     if arch == "sd3":
         inputs = dict(hidden_states=torch.randn(2, 16, 8, 8), encoder_hidden_states=torch.randn(2, 333, 32),
@@ -213,3 +213,26 @@ def test_evaluation_renders_base_and_adapter_on_the_transformers(arch, tiny_pipe
     base, adapted = (np.asarray(Image.open(next((out / "images" / "dog3" / m).glob("*.png"))), dtype=float)
                      for m in ("base", "adapter"))
     assert base.shape == (32, 32, 3) and np.abs(base - adapted).max() > 1
+
+
+def test_memory_arithmetic_counts_activations_that_checkpointing_saves(tiny_pipeline_dir):
+    """bench/dit_memory.py's activation count on the tiny SD3 transformer: gradient checkpointing holds
+    less than keeping every block's activations, and 4x the pixels holds more (both would be equal
+    if the count missed the saved tensors)."""
+    from bench.dit_memory import activations
+
+    def counted(resolution, checkpointing):
+        model = meta_like(denoiser(load_pipeline("tiny:sd3")))
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        return activations(model.train(), "sd3", resolution, 16)
+
+    assert counted(64, True) < counted(64, False)
+    assert counted(64, True) < counted(128, True)
+
+
+def meta_like(model):
+    with torch.device("meta"):
+        copy = type(model).from_config(model.config).to(torch.bfloat16)
+    inject_adapters({"transformer": copy}, AdapterConfig(rank=2))
+    return copy

@@ -179,13 +179,13 @@ def test_cost_model_counts_what_the_unet_really_computes(ui):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from singlora_diffusion.webui.budget import _count
+    from singlora_diffusion.webui.budget import count_on_meta
 
     client, app, _, _ = ui
     client.predict("", api_name="/choose_adapter")  # the base UNet, as the cost model has it
     engine = app.engine
     unet = engine.pipe.unet
-    counted, _ = _count(engine.cost_model.step_of(engine.cost_model.denoiser, 2, 16, 16))
+    counted, _ = count_on_meta(engine.cost_model.step_of(engine.cost_model.denoiser, 2, 16, 16))
     x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 77, unet.config.cross_attention_dim)
     counter = FlopCounterMode(display=False)
     # the math kernel: attention as plain matmuls, each counted (the fused CPU kernel is not)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -89,11 +90,13 @@ class _FusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _count(fn) -> tuple[float, int]:
+def count_on_meta(fn, no_grad: bool = True) -> tuple[float, int]:
+    """(FLOPs, peak bytes of the tensors fn creates and holds at once) of fn() on meta tensors, with
+    attention counted as the fused kernels run it. Also what bench/dit_memory.py measures training with."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter, live, fused = FlopCounterMode(display=False), _LiveBytes(), _FusedAttention()
-    with torch.no_grad(), fused, counter, live:
+    with torch.no_grad() if no_grad else nullcontext(), fused, counter, live:
         fn()
     return counter.get_total_flops() + fused.flops, live.peak
 
@@ -172,7 +175,7 @@ class CostModel:
         batch = num_images * (2 if guidance > 1 and self.cfg_doubles else 1)  # classifier-free guidance: 2 passes
         key = (h, w, batch)
         if key not in self._cache:
-            self._cache[key] = (*_count(self.step_of(self.denoiser, batch, h, w)), *_count(self._decode(h, w)))
+            self._cache[key] = (*count_on_meta(self.step_of(self.denoiser, batch, h, w)), *count_on_meta(self._decode(h, w)))
         step_flops, step_bytes, decode_flops, decode_bytes = self._cache[key]
         return Cost(steps * step_flops + num_images * decode_flops, max(step_bytes, decode_bytes))
 
