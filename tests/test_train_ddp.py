@@ -64,3 +64,25 @@ def test_two_processes_shard_bucketed_batches_then_resume_with_one(tiny_pipeline
                       checkpointing_steps=2, resume_from_checkpoint="latest", **BUCKETS))
     assert read_adapter(out / "singlora_weights.safetensors").step == 6
     assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["samples_seen"] == 10
+
+
+def test_two_processes_train_flux_as_one_process_accumulating_two(tiny_pipeline_dir, tmp_path):
+    """The same sharding and all-reduce on a transformer base (tiny:flux): 2 processes × batch 1 equal
+    1 process × 2 accumulated micro-batches."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(ROOT / "train_dreambooth.py"), "--pretrained_model_name_or_path",
+           str(tiny_pipeline_dir("flux")), "--instance_data_dir", str(ROOT / "singlora_diffusion/assets/dog3"),
+           "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), "--resolution", "32", "--center_crop",
+           "--rank", "2", "--max_train_steps", "3", "--checkpointing_steps", "3", "--learning_rate", "1e-3",
+           "--seed", "0", "--report_to", "none", "--max_sequence_length", "16"]
+    run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    single = tmp_path / "single"
+    train(tiny_config(tiny_pipeline_dir("flux"), single, resolution=32, max_train_steps=3, checkpointing_steps=3,
+                      gradient_accumulation_steps=2, max_sequence_length=16))
+    a, b = (load_file(str(p / "singlora_weights.safetensors")) for p in (out, single))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert read_adapter(out / "singlora_weights.safetensors").metadata["base_arch"] == "flux"
