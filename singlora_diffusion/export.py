@@ -275,11 +275,16 @@ def merge_to_single_file(base: str | os.PathLike, adapter_path: str | os.PathLik
     Same merge and refusals as merge_into_pipeline; `out_file` must end in .safetensors and may
     only replace an earlier checkpoint. Written beside `out_file` and renamed into place.
     """
+    from .families import FAMILIES
     from .single_file import is_checkpoint, save_single_file
 
     out_file = Path(out_file)
     if out_file.suffix != ".safetensors":
         raise BadInput(f"--single_file {out_file}: give a .safetensors file name (nothing was written)")
+    arch = read_adapter(adapter_path).metadata.get("base_arch", "sd")
+    if arch in FAMILIES and FAMILIES[arch].denoiser != "unet":  # single_file.py knows SD1.x / SDXL layouts only
+        raise BadInput(f"--single_file writes SD1.x / SDXL checkpoints only and {Path(adapter_path).name} is an "
+                       f"{arch} adapter: merge into a folder with --out MERGED_DIR instead (nothing was written)")
     if out_file.exists() and not is_checkpoint(out_file):
         raise BadInput(f"--single_file {out_file} exists and is not an SD checkpoint; give a new file name "
                        f"(nothing was written)")
