@@ -8,6 +8,7 @@ from .errors import BadInput, WriteError
 
 import math
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,17 +22,31 @@ from .layer import lowrank_factors, ramp
 # kohya's names are written here rather than with diffusers' convert_state_dict_to_kohya: that
 # converter names the text encoder lora_te1 on every base (SD1.x files read by A1111 use lora_te)
 # and writes .alpha = rank, where these files keep the user's α beside unfolded factors.
+#
+# SD3/3.5 and Flux.1: OneTrainer's names, lora_transformer_<diffusers module path>. ComfyUI's
+# comfy/lora.py model_lora_keys_unet maps them through comfy/utils.py mmdit_to_diffusers /
+# flux_to_diffusers onto its own weights, fused ones included: diffusers' separate to_q / to_k /
+# to_v (add_*_proj, Flux single blocks' proj_mlp) become row slices (offsets) of ComfyUI's qkv /
+# linear1, so every Linear of the diffusers transformer keeps its own pair and ΔW stays exact.
+# model_lora_keys_clip maps lora_te1_ to CLIP-L and (SD3) lora_te2_ to CLIP-G, as for SDXL.
+# kohya's own SD3/Flux names (lora_unet_joint_blocks_… / lora_unet_double_blocks_…_qkv) address
+# the fused weights, which would need one pair for three diffusers layers.
 KOHYA_PREFIX = {
     "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    "sd3": {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    "flux": {"transformer": "lora_transformer", "text_encoder": "lora_te1"},  # text_encoder_2 is T5
 }
 
 
 def kohya_base_version(adapter: AdapterFile) -> str:
     """ss_base_model_version as kohya's tools write it; files older than base_model_version get it from base_arch."""
+    from .families import FAMILIES
+
     if "base_model_version" in adapter.metadata:
         return adapter.metadata["base_model_version"]
-    return "sdxl_base_v1-0" if adapter.metadata.get("base_arch") == "sdxl" else "sd_v1"
+    family = FAMILIES.get(adapter.metadata.get("base_arch", "sd"))
+    return family.base_model_version if family is not None else "sd_v1"
 
 
 def _factors(adapter: AdapterFile, fold_alpha: bool):
@@ -73,7 +88,8 @@ def export_diffusers(adapter_path: str | os.PathLike, out_dir: str | os.PathLike
 def kohya_state_dict(adapter: AdapterFile, training: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The kohya layout A1111 and ComfyUI read, as (tensors, `__metadata__`), without writing a file.
 
-    lora_unet_… / lora_te_… (SDXL: lora_te1_… / lora_te2_…) with .lora_down.weight = A[:d_in]ᵀ,
+    lora_unet_… / lora_te_… (SDXL: lora_te1_… / lora_te2_…; SD3 and Flux: lora_transformer_…,
+    lora_te1_…, SD3 also lora_te2_…: KOHYA_PREFIX) with .lora_down.weight = A[:d_in]ᵀ,
     .lora_up.weight = u·A[:d_out] and .alpha = α: loaders scale by alpha / rank(lora_down), so
     up·down·α/r is ΔW exactly. Needs torch only (the ComfyUI node calls it, in an environment
     without diffusers). `training`: see kohya_metadata.
@@ -96,14 +112,26 @@ def kohya_state_dict(adapter: AdapterFile, training: dict | None = None) -> tupl
 
 
 # modelspec (Stability AI's model metadata standard) as kohya's sd-scripts writes it for a LoRA
-# (library/sai_model_spec.py): architecture ids, and SDXL LoRAs name the SGM implementation while
-# SD1.x/2.x LoRAs name diffusers.
+# (library/sai_model_spec.py, determine_architecture / determine_implementation /
+# determine_resolution): architecture ids; SDXL LoRAs name the SGM implementation, Flux LoRAs
+# black-forest-labs/flux, SD1.x/2.x and SD3 LoRAs diffusers; SDXL, SD3 and Flux default to 1024 px.
 MODELSPEC_SPEC_VERSION = "1.0.1"
 _SGM = "https://github.com/Stability-AI/generative-models"
+_BFL = "https://github.com/black-forest-labs/flux"
+# kohya's SD3 ids are "stable-diffusion-3-" + the variant ("5-large", "5-medium"; sd3_merge_lora.py),
+# its Flux ids flux-1-dev / flux-1-schnell, and "stable-diffusion-3" / "flux-1" when the variant is
+# unknown. A SingLoRA file names its variant only in its base_model (a hub id or a folder name).
+_VARIANTS = {
+    "sd3_m": (("3.5-large", "stable-diffusion-3-5-large"), ("3.5-medium", "stable-diffusion-3-5-medium"),
+              ("3-medium", "stable-diffusion-3-medium")),
+    "flux1": (("schnell", "flux-1-schnell"), ("dev", "flux-1-dev")),
+}
+_UNKNOWN_VARIANT = {"sd3_m": "stable-diffusion-3", "flux1": "flux-1"}
 
 
-def _modelspec_arch(version: str, resolution: int | None) -> tuple[str, int]:
-    """(architecture id, default resolution) for an ss_base_model_version.
+def _modelspec_arch(version: str, resolution: int | None, base_model: str = "") -> tuple[str, int]:
+    """(architecture id, default resolution) for an ss_base_model_version (and, for SD3 and Flux,
+    the base_model the adapter was trained on, whose name tells the variant).
 
     The file does not record SD2's prediction type: 768 px training means SD2's 768-v base,
     anything else its 512 base (what kohya decides from --v_parameterization).
@@ -112,7 +140,19 @@ def _modelspec_arch(version: str, resolution: int | None) -> tuple[str, int]:
         return "stable-diffusion-xl-v1-base", 1024
     if version == "sd_v2":
         return ("stable-diffusion-v2-768-v", 768) if resolution == 768 else ("stable-diffusion-v2-512", 512)
+    if version in _VARIANTS:
+        name = Path(str(base_model).rstrip("/")).name.lower()  # "stabilityai/stable-diffusion-3.5-large"
+        arch = next((a for marker, a in _VARIANTS[version]
+                     if re.search(rf"(?:^|[^a-z0-9]){re.escape(marker)}(?:$|[^a-z0-9])", name)),
+                    _UNKNOWN_VARIANT[version])
+        return arch, 1024
     return "stable-diffusion-v1", 512
+
+
+def _modelspec_implementation(arch: str) -> str:
+    if arch.startswith("stable-diffusion-xl"):
+        return _SGM
+    return _BFL if arch.startswith("flux-") else "diffusers"
 
 
 def _training_facts(training: dict | None) -> dict:
@@ -143,7 +183,7 @@ def kohya_metadata(adapter: AdapterFile, training: dict | None = None) -> dict[s
 
     facts = _training_facts(training)
     version = kohya_base_version(adapter)
-    arch, native_resolution = _modelspec_arch(version, facts.get("resolution"))
+    arch, native_resolution = _modelspec_arch(version, facts.get("resolution"), adapter.metadata.get("base_model", ""))
     resolution = facts.get("resolution", native_resolution)
     source = Path(adapter.path)
     written = datetime.fromtimestamp(int(source.stat().st_mtime), timezone.utc)
@@ -158,7 +198,7 @@ def kohya_metadata(adapter: AdapterFile, training: dict | None = None) -> dict[s
                                           if "instance_prompt" in facts else ""),
         "modelspec.sai_model_spec": MODELSPEC_SPEC_VERSION,
         "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": _SGM if arch.startswith("stable-diffusion-xl") else "diffusers",
+        "modelspec.implementation": _modelspec_implementation(arch),
         "modelspec.implementation_version": f"singlora-diffusion/{__version__}",
         "modelspec.title": facts.get("output_name", source.stem),
         "modelspec.resolution": f"{resolution}x{resolution}",
@@ -235,11 +275,16 @@ def merge_to_single_file(base: str | os.PathLike, adapter_path: str | os.PathLik
     Same merge and refusals as merge_into_pipeline; `out_file` must end in .safetensors and may
     only replace an earlier checkpoint. Written beside `out_file` and renamed into place.
     """
+    from .families import FAMILIES
     from .single_file import is_checkpoint, save_single_file
 
     out_file = Path(out_file)
     if out_file.suffix != ".safetensors":
         raise BadInput(f"--single_file {out_file}: give a .safetensors file name (nothing was written)")
+    arch = read_adapter(adapter_path).metadata.get("base_arch", "sd")
+    if arch in FAMILIES and FAMILIES[arch].denoiser != "unet":  # single_file.py knows SD1.x / SDXL layouts only
+        raise BadInput(f"--single_file writes SD1.x / SDXL checkpoints only and {Path(adapter_path).name} is an "
+                       f"{arch} adapter: merge into a folder with --out MERGED_DIR instead (nothing was written)")
     if out_file.exists() and not is_checkpoint(out_file):
         raise BadInput(f"--single_file {out_file} exists and is not an SD checkpoint; give a new file name "
                        f"(nothing was written)")

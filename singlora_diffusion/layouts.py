@@ -5,7 +5,7 @@ Surgery on keys only; the update itself stays in layer.py. Layouts read here:
     native         {component}.{path}.singlora_A + our metadata (format.py)
     singlora-peft  peft-singlora 0.2.0 / SimpleTuner --peft_lora_mode singlora: one (n, r) tensor
                    per layer under a LoRA *down* name with no *up* partner
-                       unet.{path}.lora_A[.weight]                 (PEFT names)
+                       unet.{path}.lora_A[.weight]                 (PEFT names; SD3/Flux: transformer.{path})
                        text_encoder.{path}.lora_linear_layer.down  (diffusers' text-encoder names)
                        …lora.down[.weight], …lora_A.<adapter>, base_model.model.{path}…
                    optional step buffer {path}.training_step_<adapter> (float32, 0-d);
@@ -45,7 +45,7 @@ STANDARD_LORA = ("diffusers-lora", "kohya-lora", "peft-lora")
 # The ramp length peft-singlora 0.2.0's layers run with (SingLoRALayer's default), SimpleTuner's too.
 PEFT_SINGLORA_RAMP = 1000
 
-_COMPONENT = r"(?:(?P<component>unet|text_encoder_2|text_encoder)\.)?"
+_COMPONENT = r"(?:(?P<component>unet|transformer|text_encoder_2|text_encoder)\.)?"
 _PEFT_PREFIX = r"(?:base_model\.model\.)?"
 # A down/A factor: `.lora_A`, `.lora_A.weight`, `.lora_A.<adapter>[.weight]`, `.lora.down[.weight]`,
 # `.lora_linear_layer.down[.weight]`, `.lora_down[.weight]`.
@@ -54,8 +54,10 @@ _DOWN = re.compile(rf"^{_COMPONENT}{_PEFT_PREFIX}(?P<path>.+?)\.(?:lora_A|lora\.
 _UP = re.compile(r"\.(?:lora_B|lora\.up|lora_linear_layer\.up|lora_up)(?:\.(?!weight$)[^.]+)?(?:\.weight)?$")
 _STEP = re.compile(rf"^{_COMPONENT}{_PEFT_PREFIX}(?P<path>.+?)\."
                    r"(?:training_step(?:_[^.]+)?|lora_training_steps\.[^.]+)$")
-_KOHYA = re.compile(r"^lora_(?:unet|te\d?)_")
+_KOHYA = re.compile(r"^lora_(?:unet|transformer|te\d?)_")  # lora_transformer_: OneTrainer's SD3/Flux names
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding", "add_embedding")
+_DIT_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "context_embedder", "time_text_embed.", "x_embedder",
+              "norm_out.", "proj_out")
 
 
 @dataclass
@@ -86,7 +88,9 @@ def _component(explicit: str | None, path: str) -> str:
     """The pipeline component a key belongs to: its prefix, else guessed from the path (PEFT files of one model)."""
     if explicit:
         return explicit
-    return "unet" if path.startswith(_UNET_ROOTS) else "text_encoder"
+    if path.startswith(_UNET_ROOTS):
+        return "unet"
+    return "transformer" if path.startswith(_DIT_ROOTS) else "text_encoder"
 
 
 def detect_layout(path: str | os.PathLike) -> Layout:
@@ -159,7 +163,7 @@ def _peft_configs(layout: Layout) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for key, value in flat.items():
         component, dot, field_name = key.partition(".")
-        if dot and component in ("unet", "text_encoder", "text_encoder_2"):
+        if dot and component in ("unet", "transformer", "text_encoder", "text_encoder_2"):
             out.setdefault(component, {})[field_name] = value
         else:  # one config without component prefixes (a PEFT adapter_config)
             out.setdefault("", {})[key] = value
@@ -320,8 +324,9 @@ def import_file(path: str | os.PathLike, base: str | os.PathLike, out: str | os.
                            "base_model": str(trained_on), "module_shapes": "{}"})
     adapter = load_adapter(components, adapter, allow_partial)  # fits each key to the base, injects, sets the step
     kept = {k for k in adapter.tensors if f"{k}.singlora_A" not in adapter.skipped}
-    unet = [k.partition(".")[2] for k in kept if k.startswith("unet.")]
-    text = [k.partition(".")[2] for k in kept if not k.startswith("unet.")]
+    denoiser = ("unet.", "transformer.")
+    unet = [k.partition(".")[2] for k in kept if k.startswith(denoiser)]
+    text = [k.partition(".")[2] for k in kept if not k.startswith(denoiser)]
     written = save_adapter(out, components, str(base), _target_kinds(unet) or None,
                            _target_kinds(text) or None)
     return Imported(written, layout, settings, len(kept), adapter.skipped)
@@ -335,9 +340,34 @@ def import_file(path: str | os.PathLike, base: str | os.PathLike, out: str | os.
 _CONTEXT_WIDTH = {768: "sd15 (SD1.x)", 1024: "sd2 (SD2.x)", 2048: "sdxl"}
 
 
+# Width of the attention of the diffusion transformers (to_q … add_v_proj are square there).
+_DIT_WIDTH = {1536: "sd3 (attention 1536 wide: SD3 / SD3.5 medium)", 2432: "sd3 (attention 2432 wide: SD3.5 large)",
+              3072: "flux (attention 3072 wide: Flux.1)"}
+
+
+def _dit_fits(layout: Layout, keys: list[str]) -> str:
+    """sd3 or flux for a file with transformer keys: Flux-only blocks, a second CLIP encoder (SD3's;
+    Flux's text_encoder_2 is T5), or the attention width."""
+    if any("single_transformer_blocks" in k or "guidance_embedder" in k for k in keys):
+        return "flux (it adapts single_transformer_blocks / the guidance embedder)"
+    if any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys):
+        return "sd3 (a transformer and a second CLIP text encoder)"
+    for key, t in layout.modules.items():
+        if re.search(r"attn2?[._](?:to_[qkv]|add_[qkv]_proj)$", key):
+            width = int(t.shape[0] if layout.kind == "singlora-peft" else t.shape[1])
+            if width in _DIT_WIDTH:
+                return _DIT_WIDTH[width]
+    return "sd3 or flux (transformer keys; no Flux-only block, no full-size attention width)"
+
+
 def _fits(layout: Layout) -> str:
     """Which base family the file fits, as far as its key names and shapes tell."""
     keys = list(layout.modules)
+    if layout.native is not None and layout.native.metadata.get("base_arch") in ("sd3", "flux"):
+        meta = layout.native.metadata
+        return f"{meta['base_arch']} (its metadata: trained on {meta.get('base_model')})"
+    if any(k.startswith(("transformer.", "lora_transformer_")) for k in keys):
+        return _dit_fits(layout, keys)
     if any(k.startswith("text_encoder_2.") or k.startswith("lora_te2_") for k in keys):
         return "sdxl (it adapts a second text encoder)"
     widths = set()
@@ -361,8 +391,10 @@ def _fits(layout: Layout) -> str:
     return "not told by the file (no full-size cross-attention shape, no SDXL-only key)"
 
 
-_KOHYA_COMPONENT = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
-_KOHYA_KIND = re.compile(r"(to_[qkv]|to_out_0|[qkv]_proj|out_proj|proj_in|proj_out|ff_net_\d_proj|ff_net_\d|[a-z0-9]+)$")
+_KOHYA_COMPONENT = {"unet": "unet", "transformer": "transformer", "te": "text_encoder", "te1": "text_encoder",
+                    "te2": "text_encoder_2"}
+_KOHYA_KIND = re.compile(r"(to_[qkv]|to_out_0|to_add_out|add_[qkv]_proj|[qkv]_proj|out_proj|proj_in|proj_out|proj_mlp|"
+                         r"ff_net_\d_proj|ff_net_\d|[a-z0-9]+)$")
 
 
 def _config_alphas(layout: Layout) -> str:
@@ -395,7 +427,7 @@ def describe(layout: Layout) -> dict[str, str]:
     by_component: dict[str, list[str]] = {}
     for key in layout.modules:
         if layout.kind == "kohya-lora":  # underscores throughout: the kind is the known tail of the name
-            component = _KOHYA_COMPONENT[re.match(r"lora_(unet|te\d?)_", key)[1]]
+            component = _KOHYA_COMPONENT[re.match(r"lora_(unet|transformer|te\d?)_", key)[1]]
             kind = _KOHYA_KIND.search(key)[1]
         else:
             component, _, name = key.partition(".")

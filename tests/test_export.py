@@ -184,7 +184,8 @@ def test_kohya_export_refuses_wrong_training_facts(training, says, tmp_path):
     assert not (tmp_path / "k.safetensors").exists()
 
 
-@pytest.mark.parametrize("arch,base_arch,says", [("sd", "sd3", "metadata base_arch='sd3'"),
+@pytest.mark.parametrize("arch,base_arch,says", [("sd", "sd4", "metadata base_arch='sd4'"),
+                                                 ("sd", "sd3", "unet adapters on a base_arch='sd3' file"),
                                                  ("sdxl", "sd", "text_encoder_2 adapters on a base_arch='sd' file")])
 def test_kohya_export_refuses_a_base_it_cannot_name(arch, base_arch, says, tmp_path):
     from safetensors.torch import save_file

@@ -119,7 +119,9 @@ def test_diffusers_pipeline_loads_the_export_with_equal_outputs(arch, tiny_pipel
     out = tmp_path / "run"
     files = train(dit_config(tiny_pipeline_dir(arch), out, max_train_steps=3, learning_rate=2e-2,
                              train_text_encoder=True, max_sequence_length=16))
-    assert "kohya" not in files  # ComfyUI reads the diffusers file's transformer. keys (README)
+    kohya = load_file(str(files["kohya"]))  # ComfyUI's layout (tests/test_comfyui_dit.py)
+    assert {k.split("_")[1] for k in kohya} == {"transformer", "te1"} | ({"te2"} if arch == "sd3" else set())
+    assert f"| ComfyUI (Forge: Flux) | copy `{files['kohya'].name}`" in (out / "README.md").read_text()  # no A1111
 
     def latents(pipe):
         return pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32, max_sequence_length=16,

@@ -53,7 +53,9 @@ def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path, weigh
                          + (f"; {c.repeats} repeats" if c.repeats > 1 else "") + ")" for c in concepts)
     uses = []
     if "kohya" in weights:
-        uses.append(f"| ComfyUI, A1111, Forge | copy `{weights['kohya'].name}` to `models/loras/` |")
+        # A1111 has no SD3/Flux support; Forge's Flux loader shares ComfyUI's key map
+        tools = "ComfyUI, A1111, Forge" if trainee.family.denoiser == "unet" else "ComfyUI (Forge: Flux)"
+        uses.append(f"| {tools} | copy `{weights['kohya'].name}` to `models/loras/` |")
     else:  # why: training/weights.py
         uses.append(f"| ComfyUI, A1111, Forge | no kohya file is written for {cfg.adapter} baseline runs |")
     uses.append(f"| diffusers | `pipe.load_lora_weights(\"{output_dir}\")` reads `{weights['diffusers'].name}` |")

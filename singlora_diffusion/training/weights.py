@@ -5,7 +5,7 @@ PEFT's tensors under "component.parameter" keys, and for the final output
 diffusers' own LoRA writer, so `pipe.load_lora_weights(output_dir)` works for
 every adapter. SingLoRA runs also write the kohya layout (export_kohya) that
 ComfyUI / A1111 / Forge read from models/loras/: those tools do not map the
-diffusers layout of an SD/SDXL UNet.
+diffusers layout of an SD/SDXL UNet (for SD3/Flux it is OneTrainer's layout, export.KOHYA_PREFIX).
 
 The baselines get no kohya file: diffusers' convert_state_dict_to_kohya writes
 .alpha = rank (a run with lora_alpha != rank would load with the wrong scale),
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..baselines import PEFT_ADAPTERS
-from ..export import KOHYA_PREFIX, export_diffusers, export_kohya
+from ..export import export_diffusers, export_kohya
 from ..format import WEIGHTS_NAME, diffusers_lora_name, read_adapter, save_adapter
 from ..inject import set_step, singlora_modules
 from ..families import DENOISERS
@@ -81,10 +81,8 @@ def write_final(trainee: Trainee, output_dir: Path, base_model: str, cfg) -> dic
         kohya = output_dir / kohya_file_name(output_dir)
         training = {"resolution": cfg.resolution, "max_train_steps": cfg.max_train_steps,
                     "output_name": kohya.stem, "instance_prompt": cfg.instance_prompt or cfg.concepts_list}
-        files = {"adapter": native, "diffusers": export_diffusers(native, output_dir)}
-        if trainee.family.arch in KOHYA_PREFIX:  # SD3/Flux: ComfyUI reads the diffusers file's transformer. keys
-            files["kohya"] = export_kohya(native, kohya, training=training)
-        return files
+        return {"adapter": native, "diffusers": export_diffusers(native, output_dir),
+                "kohya": export_kohya(native, kohya, training=training)}
     import diffusers
     from peft.utils import get_peft_model_state_dict
 
