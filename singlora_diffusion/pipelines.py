@@ -145,7 +145,7 @@ def resolve_base(name: str | os.PathLike) -> str:
     """Offline test pipelines built once under the cache folder; any other name (a hub id, a
     diffusers folder, a single-file checkpoint) as given.
 
-    tiny:sd15 / tiny:sdxl: ~10M parameters at 64 px; random:sd15 / random:sdxl: the real
+    tiny:sd15 / tiny:sdxl: ~10M parameters at 64 px; tiny:sd3 / tiny:flux: a few M at 32 px; random:sd15 / random:sdxl: the real
     component configs at full size (2 GB / 7 GB in fp16), random weights; toy:shapes: the
     pretrained toy base (32 px coloured shapes) shipped in the package.
     """
