@@ -13,14 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from singlora_diffusion.bundled import bundled_subject
 from singlora_diffusion.errors import BadInput
 from singlora_diffusion.format import load_adapter, read_adapter
 from singlora_diffusion.pipelines import load_pipeline, pipeline_components
-from singlora_diffusion.training import build, loop, make_accelerator, train, validate
+from singlora_diffusion.training import loop, train
 from singlora_diffusion.training.batches import TrainingData
 
-from .train_helpers import tiny_config
+from .train_helpers import fixed_batch_run, tiny_config
 
 DITS = ("sd3", "flux")
 
@@ -57,17 +56,9 @@ def unpack(tokens: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tensor
                   train_batch_size=2)),
 ])
 def test_flow_matching_loss_of_a_fixed_batch_matches_float64(arch, options, tiny_pipeline_dir, tmp_path, monkeypatch):
-    classes = tmp_path / "class"
-    shutil.copytree(bundled_subject(), classes)  # any photos will do as class images here
-    cfg = dit_config(tiny_pipeline_dir(arch), tmp_path / "out", class_data_dir=str(classes),
-                     class_prompt="a photo of dog", num_class_images=2, **options)
-    inputs = validate(cfg)
-    accelerator = make_accelerator(cfg)
-    trainee = build(cfg, inputs, accelerator.device)
-    objective = loop.make_objective(cfg, trainee.pipe, trainee.family)
-    draws, seen = [], {}
-    real_draw = TrainingData.micro_batch
-    monkeypatch.setattr(TrainingData, "micro_batch", lambda *a: draws.append(real_draw(*a)) or draws[-1])
+    cfg, inputs, accelerator, trainee, objective, draws = fixed_batch_run(
+        tiny_pipeline_dir(arch), tmp_path, monkeypatch, **{"resolution": 32, **options})
+    seen = {}
     trainee.pipe.transformer.register_forward_hook(
         lambda m, args, kwargs, out: seen.update(kwargs, pred=out.sample.double()), with_kwargs=True)
     data = TrainingData(cfg, trainee.pipe.vae, inputs.concepts, inputs.items, inputs.class_images,

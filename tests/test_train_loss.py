@@ -14,12 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from singlora_diffusion.bundled import bundled_subject
 from singlora_diffusion.format import read_adapter
-from singlora_diffusion.training import TrainConfig, build, loop, make_accelerator, parse_config, train, validate
+from singlora_diffusion.training import TrainConfig, loop, parse_config, train
 from singlora_diffusion.training.batches import TrainingData
 
-from .train_helpers import logged_scalars, tiny_config
+from .train_helpers import fixed_batch_run, logged_scalars, tiny_config
 
 
 def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, n=1000) -> torch.Tensor:
@@ -53,17 +52,9 @@ def reference_loss(x0, noise, t, pred, prediction_type, snr_gamma, n_instance, p
 ])
 def test_loss_of_a_fixed_batch_matches_float64(options, tiny_pipeline_dir, tmp_path, monkeypatch):
 
-    classes = tmp_path / "class"
-    shutil.copytree(bundled_subject(), classes)  # any photos will do as class images here
-    cfg = tiny_config(tiny_pipeline_dir(), tmp_path / "out", class_data_dir=str(classes), class_prompt="a photo of dog",
-                      num_class_images=2, **options)
-    inputs = validate(cfg)
-    accelerator = make_accelerator(cfg)
-    trainee = build(cfg, inputs, accelerator.device)
-    objective = loop.make_objective(cfg, trainee.pipe, trainee.family)
-    draws, seen = [], {}
-    real_draw = TrainingData.micro_batch
-    monkeypatch.setattr(TrainingData, "micro_batch", lambda *a: draws.append(real_draw(*a)) or draws[-1])
+    cfg, inputs, accelerator, trainee, objective, draws = fixed_batch_run(tiny_pipeline_dir(), tmp_path, monkeypatch,
+                                                                          **options)
+    seen = {}
     trainee.pipe.unet.register_forward_hook(
         lambda m, args, out: seen.update(noisy=args[0].double(), t=args[1], pred=out.sample.double()))
     data = TrainingData(cfg, trainee.pipe.vae, inputs.concepts, inputs.items, inputs.class_images,

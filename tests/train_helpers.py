@@ -21,3 +21,25 @@ def logged_scalars(out) -> dict[str, list]:
     events = EventAccumulator(str(next((Path(out) / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+
+def fixed_batch_run(base, tmp_path, monkeypatch, **options):
+    """What the fixed-batch loss tests share: a trainee with class images (any photos), its objective,
+    and the list every micro-batch drawn is appended to. Returns (cfg, inputs, accelerator, trainee,
+    objective, draws)."""
+    import shutil
+
+    from singlora_diffusion.training import build, loop, make_accelerator, validate
+    from singlora_diffusion.training.batches import TrainingData
+
+    classes = tmp_path / "class"
+    shutil.copytree(bundled_subject(), classes)
+    cfg = tiny_config(base, tmp_path / "out", class_data_dir=str(classes), class_prompt="a photo of dog",
+                      num_class_images=2, **options)
+    inputs = validate(cfg)
+    accelerator = make_accelerator(cfg)
+    trainee = build(cfg, inputs, accelerator.device)
+    draws = []
+    real_draw = TrainingData.micro_batch
+    monkeypatch.setattr(TrainingData, "micro_batch", lambda *a: draws.append(real_draw(*a)) or draws[-1])
+    return cfg, inputs, accelerator, trainee, loop.make_objective(cfg, trainee.pipe, trainee.family), draws
