@@ -14,6 +14,9 @@ in bf16), so nothing is loaded: every model is built on the meta device from its
                  counter cannot be used here).
 Text conditioning is one prompt: SD3 77 CLIP + 77 T5 tokens (max_sequence_length 77), Flux 512 T5
 tokens. The CUDA allocator's fragmentation and the framework's workspace are not counted.
+Three phases: encoding the prompts (every model resident, nothing trains yet), training after the
+text encoders are freed (the default: embeddings cached), and training with them kept
+(--cache_text_embeddings false, or a CLIP encoder training). A run's peak is its larger phase.
 """
 from __future__ import annotations
 
@@ -52,21 +55,37 @@ def _fused_attention_memory(query, key, value, *args, **kwargs):
     return query[..., : value.shape[-1]] + (key.mean(-2, keepdim=True) + value.mean(-2, keepdim=True))
 
 
+def step_inputs(config, family: str, resolution: int, tokens: int, device) -> dict:
+    """The transformer's keyword inputs for one bf16 sample at `resolution` with `tokens` text tokens."""
+    bf16 = torch.bfloat16
+    side = resolution // 8  # the VAE's factor
+    text = torch.randn(1, tokens, config.joint_attention_dim, device=device, dtype=bf16)
+    vector = torch.randn(1, config.pooled_projection_dim, device=device, dtype=bf16)
+    step = torch.full((1,), 0.5, device=device, dtype=bf16)
+    if family == "sd3":
+        x = torch.randn(1, config.in_channels, side, side, device=device, dtype=bf16)
+        return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=vector, timestep=1000 * step)
+    n = (side // 2) ** 2  # Flux: 2×2 patches as tokens
+    return dict(hidden_states=torch.randn(1, n, config.in_channels, device=device, dtype=bf16),
+                encoder_hidden_states=text, pooled_projections=vector, timestep=step, guidance=step * 7,
+                img_ids=torch.zeros(n, 3, device=device), txt_ids=torch.zeros(tokens, 3, device=device))
+
+
+def with_adapter(model, adapter: str, rank: int) -> int:
+    """Inject `adapter` on the attn preset as the trainer does (adapters float32, gradient
+    checkpointing, train mode); the trainable parameter count."""
+    inject_adapters({"transformer": model}, AdapterConfig(adapter=adapter, rank=rank, target_modules="attn"))
+    for p in model.parameters():
+        if p.requires_grad:  # the adapters train in float32 (training/build.py)
+            p.data = p.data.float()
+    model.enable_gradient_checkpointing()
+    model.train()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def activations(model, family: str, resolution: int, tokens: int) -> int:
     """Peak activation bytes of one checkpointed forward + backward at batch 1, bf16."""
-    c, bf16 = model.config, torch.bfloat16
-    side = resolution // 8  # the VAE's factor
-    d_text, pooled = c.joint_attention_dim, c.pooled_projection_dim
-    text = torch.empty(1, tokens, d_text, device="meta", dtype=bf16)
-    vector, step = torch.empty(1, pooled, device="meta", dtype=bf16), torch.empty(1, device="meta", dtype=bf16)
-    if family == "sd3":
-        x = torch.empty(1, c.in_channels, side, side, device="meta", dtype=bf16)
-        kwargs = dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=vector, timestep=step)
-    else:
-        n = (side // 2) ** 2
-        x = torch.empty(1, n, c.in_channels, device="meta", dtype=bf16)
-        kwargs = dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=vector, timestep=step,
-                      guidance=step, img_ids=torch.empty(n, 3, device="meta"), txt_ids=torch.empty(tokens, 3, device="meta"))
+    kwargs = step_inputs(model.config, family, resolution, tokens, "meta")
 
     def step_fn():
         model(**kwargs).sample.float().pow(2).mean().backward()
@@ -78,39 +97,90 @@ def activations(model, family: str, resolution: int, tokens: int) -> int:
         torch.nn.functional.scaled_dot_product_attention = real
 
 
+def measure(model, family: str, resolution: int, tokens: int, adapter: str, rank: int = 16, warmup: int = 2,
+            steps: int = 5) -> dict:
+    """The meta-device arithmetic checked on a real device (bench/gpu_check.py): `model` (bf16, random
+    weights, on its device) trains its `adapter` with AdamW, under bf16 autocast as the trainer
+    runs; steps/s over `steps` timed steps after `warmup`, and the peak memory (CUDA: max_memory_allocated;
+    CPU: peak RSS) beside the predicted weights + adapter + AdamW + activations of the same model."""
+    import time
+
+    from bench.runs import rss_gb
+
+    device = next(model.parameters()).device
+    with torch.device("meta"):
+        twin = type(model).from_config(model.config).to(torch.bfloat16)
+    with_adapter(twin, adapter, rank)
+    predicted = 2 * sum(p.numel() for p in model.parameters())
+    trainable = with_adapter(model, adapter, rank)
+    predicted += 16 * trainable + activations(twin, family, resolution, tokens)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    kwargs = step_inputs(model.config, family, resolution, tokens, device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    stamps = []
+    for _ in range(warmup + steps):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(**kwargs).sample.float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        stamps.append(time.perf_counter())
+    timed = stamps[warmup - 1:]
+    return dict(trainable=trainable, steps_per_s=(len(timed) - 1) / (timed[-1] - timed[0]),
+                memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else rss_gb(),
+                memory_kind="cuda max_memory_allocated" if cuda else "peak RSS", predicted_gb=predicted / 2 ** 30)
+
+
+def real_size_transformer(name: str, device: str):
+    """A full-size SD3.5 / Flux.1 transformer with random weights, built in bf16 on `device`."""
+    import diffusers
+
+    from singlora_diffusion.reference_configs import TRANSFORMER_CONFIGS
+
+    cls, config = TRANSFORMER_CONFIGS[name]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # no float32 copy first (Flux: 48 GB)
+    try:
+        with torch.device(device):
+            return getattr(diffusers, cls)(**config).requires_grad_(False)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def rows(rank: int = 16) -> list[dict]:
     out = []
     for name, family, resolution, tokens in RUNS:
         sizes = {}
         for adapter in ("singlora", "lora"):
             model = meta_transformer(name).to(torch.bfloat16)
-            inject_adapters({"transformer": model}, AdapterConfig(adapter=adapter, rank=rank, target_modules="attn"))
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            for p in model.parameters():
-                if p.requires_grad:  # the adapters train in float32 (training/build.py)
-                    p.data = p.data.float()
-            model.enable_gradient_checkpointing()
-            model.train()
+            trainable = with_adapter(model, adapter, rank)
             sizes[adapter] = (trainable, activations(model, family, resolution, tokens))
         weights = 2 * sum(p.numel() for p in meta_transformer(name).parameters())
         frozen = frozen_bytes(family)
         out.append(dict(base=name, resolution=resolution, transformer=weights, others=sum(frozen.values()),
-                        t5=max(frozen.values()), **{f"{a}_params": n for a, (n, _) in sizes.items()},
+                        vae=frozen["vae"], **{f"{a}_params": n for a, (n, _) in sizes.items()},
                         **{f"{a}_activations": b for a, (_, b) in sizes.items()}))
     return out
 
 
 def main() -> None:
     print("| base | px | transformer bf16 (GB) | VAE + text encoders bf16 (GB) | adapter | trainable | adapter + AdamW (GB) "
-          "| activations, GC (GB) | total (GB) | without T5 resident (GB) |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+          "| activations, GC (GB) | encoding prompts (GB) | training, text encoders freed (GB) "
+          "| training, text encoders kept (GB) |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows():
         for a in ("singlora", "lora"):
             states = 16 * r[f"{a}_params"]
-            total = r["transformer"] + r["others"] + states + r[f"{a}_activations"]
+            # before fit every model is resident and the adapter exists (float32), nothing trains yet
+            encoding = r["transformer"] + r["others"] + 4 * r[f"{a}_params"]
+            freed = r["transformer"] + r["vae"] + states + r[f"{a}_activations"]
+            kept = freed + r["others"] - r["vae"]
             print(f"| {r['base']} | {r['resolution']} | {r['transformer'] / GB:.1f} | {r['others'] / GB:.1f} | {a} | "
-                  f"{r[f'{a}_params']:,} | {states / GB:.2f} | {r[f'{a}_activations'] / GB:.1f} | {total / GB:.1f} | "
-                  f"{(total - r['t5']) / GB:.1f} |")
+                  f"{r[f'{a}_params']:,} | {states / GB:.2f} | {r[f'{a}_activations'] / GB:.1f} | {encoding / GB:.1f} | "
+                  f"{freed / GB:.1f} | {kept / GB:.1f} |")
 
 
 if __name__ == "__main__":

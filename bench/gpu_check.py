@@ -9,7 +9,12 @@ On random:sd15 at 512 px in fp16 and random:sdxl at 1024 px in bf16 with gradien
   PEFT LoRA (rank 8, the attn preset), and of diffusers' train_dreambooth_lora.py /
   train_dreambooth_lora_sdxl.py at equal settings (DIR: copies of them; not in the wheel);
 - inference latency of the trained SingLoRA adapter unmerged vs merged (merge_singlora);
-- evaluation scoring images/s (bench.eval_throughput) next to its models' raw forward.
+- evaluation scoring images/s (bench.eval_throughput) next to its models' raw forward;
+- the diffusion transformers at full size (SD3.5-medium at 1024 px, FLUX.1-dev at 512 px; random
+  weights built in bf16 on the GPU): a SingLoRA and a PEFT LoRA step (rank 16, attn, gradient
+  checkpointing, AdamW) — steps/s and peak memory beside bench.dit_memory's prediction for the
+  same transformer — and our trainer on tiny:sd3 / tiny:flux with --quantize_base nf4 (the
+  bitsandbytes path end to end: load, inject on Linear4bit, train, save).
 Every training is a fresh process (its CUDA peak is its own); steps/s = 1 / the median interval
 between optimizer steps after the warm-up steps. Without a GPU (the dry run), memory is peak RSS.
 """
@@ -32,6 +37,9 @@ SCRIPTS = {"sd15": "train_dreambooth_lora.py", "sdxl": "train_dreambooth_lora_sd
 PLAN = {"sd15": (512, "fp16", False), "sdxl": (1024, "bf16", True)}
 SETTINGS = {"full": dict(prefix="random", resolution=None, warmup=3, steps=10, infer_steps=20, repeats=3),
             "dry": dict(prefix="tiny", resolution=64, warmup=1, steps=2, infer_steps=2, repeats=1)}
+# full size: (transformer config, family, resolution, text tokens); the dry run: the tiny pipelines' at 32 px
+DITS = {"full": [("sd35-medium", "sd3", 1024, 77 + 77), ("flux-dev", "flux", 512, 512)],
+        "dry": [("tiny:sd3", "sd3", 32, 16), ("tiny:flux", "flux", 32, 16)]}
 TRAINERS = [("ours singlora", "ours", ["--adapter", "singlora"]), ("ours lora", "ours", ["--adapter", "lora"]),
             ("diffusers", "diffusers", [])]
 
@@ -41,6 +49,8 @@ def child(spec: dict) -> None:
         from bench.runs import train_here
 
         result = train_here(spec["trainer"], spec["argv"], spec.get("script"))
+    elif spec["kind"] == "dit":
+        result = dit_step(spec)
     else:
         result = infer(spec)
     Path(spec["result"]).write_text(json.dumps(result))
@@ -73,6 +83,32 @@ def infer(spec: dict) -> dict:
     for model in components.values():
         merge_singlora(model)
     return dict(unmerged=unmerged, merged=seconds())
+
+
+def dit_step(spec: dict) -> dict:
+    """SingLoRA then LoRA on a fresh copy of one transformer, in one process (CUDA peaks reset between)."""
+    import gc
+
+    import torch
+
+    from bench.dit_memory import measure, real_size_transformer
+    from singlora_diffusion.pipelines import load_pipeline, resolve_base
+
+    rows = {}
+    for adapter in ("singlora", "lora"):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        if spec["name"].startswith("tiny:"):
+            model = load_pipeline(resolve_base(spec["name"]), dtype=torch.bfloat16).transformer.requires_grad_(False)
+        else:
+            model = real_size_transformer(spec["name"], "cuda")
+        rows[adapter] = measure(model, spec["family"], spec["resolution"], spec["tokens"], adapter,
+                                warmup=spec["warmup"], steps=spec["steps"])
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
 
 
 def training_row(r: dict, warmup: int) -> dict:
@@ -116,6 +152,19 @@ def markdown(report: dict) -> str:
         lines.append(f"| {report['bases'][arch]} | " + (f"{r['unmerged']:.3f} | {r['merged']:.3f} | "
                                                         f"{r['unmerged'] / r['merged']:.2f}x |" if "merged" in r
                                                         else f"n/a | n/a | {r.get('error')} |"))
+    lines += ["", "| transformer (random weights, bf16, GC) | adapter | trainable | steps/s | x lora | peak memory (GB) "
+                  "| predicted (GB) | memory measure |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, rows in report["dit"].items():
+        lora = rows.get("lora", {}).get("steps_per_s")
+        for adapter, r in rows.items():
+            lines.append(f"| {name} | {adapter} | " + (
+                f"{r['trainable']:,} | {r['steps_per_s']:.2f} | {r['steps_per_s'] / lora:.2f}x | {r['memory_gb']:.2f} | "
+                f"{r['predicted_gb']:.2f} | {r['memory_kind']} |" if "steps_per_s" in r and lora
+                else f"n/a | n/a | n/a | n/a | n/a | {r.get('error')} |"))
+    lines += ["", "| our trainer, --quantize_base nf4 | steps/s | peak memory (GB) | memory measure |", "|---|---:|---:|---|"]
+    for base, r in report["quantized"].items():
+        lines.append(f"| {base} | " + (f"{r['steps_per_s']:.2f} | {r['memory_gb']:.2f} | {r['memory_kind']} |"
+                                      if "steps_per_s" in r else f"n/a | n/a | {r.get('skipped') or r.get('error')} |"))
     e = report["evaluation"]
     lines += ["", "| evaluation | images/s | raw forward images/s | x raw forward |", "|---|---:|---:|---:|",
               "| embed_subject (DINO + CLIP) | " + (f"{e['images_per_s']:.1f} | {e['raw_forward']:.1f} | "
@@ -145,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     start, n_steps = time.perf_counter(), s["warmup"] + s["steps"]
     report = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)",
                   torch=torch.__version__, diffusers=diffusers.__version__, settings=s, bases={}, training={},
-                  inference={})
+                  inference={}, dit={}, quantized={})
     with tempfile.TemporaryDirectory(prefix="singlora-gpu-check-") as tmp:
         for arch, (resolution, precision, checkpointing) in PLAN.items():
             resolution = s["resolution"] or resolution
@@ -170,6 +219,21 @@ def main(argv: list[str] | None = None) -> None:
                                                        infer_steps=s["infer_steps"], repeats=s["repeats"]), tmp)
                                          if adapter is not None and adapter.is_file() else dict(error="no adapter"))
             print(f"{report['bases'][arch]:32s} inference {report['inference'][arch]}", flush=True)
+        for name, family, resolution, tokens in DITS["dry" if args.dry_run else "full"]:
+            label = f"{name} {resolution} px"
+            rows = in_fresh_process("bench.gpu_check", dict(kind="dit", name=name, family=family, resolution=resolution,
+                                                            tokens=tokens, warmup=s["warmup"], steps=s["steps"]), tmp)
+            report["dit"][label] = {a: rows for a in ("singlora", "lora")} if "error" in rows else rows
+            print(f"{label:32s} {report['dit'][label]}", flush=True)
+            base = f"tiny:{family}"
+            if not torch.cuda.is_available():
+                report["quantized"][base] = dict(skipped="no CUDA device: bitsandbytes quantization is GPU-only")
+                continue
+            out = f"{tmp}/{family}-nf4"
+            spec = dict(kind="train", trainer="ours", argv=trainer_flags("ours", resolve_base(base), 32, n_steps, out,
+                                                                         "bf16", n_steps) + ["--quantize_base", "nf4"])
+            report["quantized"][base] = training_row(in_fresh_process("bench.gpu_check", spec, tmp), s["warmup"])
+            print(f"{base} nf4{'':23s} {report['quantized'][base]}", flush=True)
         report["evaluation"] = evaluation(args.dry_run, tmp)
     report["seconds"] = time.perf_counter() - start
     out = Path(args.out)
@@ -178,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "gpu_check.md").write_text(markdown(report))
     print("\n" + markdown(report))
     failed = [n for rows in report["training"].values() for n, r in rows.items() if "error" in r and n != "diffusers"]
+    failed += [f"{name} {a}" for name, rows in report["dit"].items() for a, r in rows.items() if "error" in r]
+    failed += [base for base, r in report["quantized"].items() if "error" in r]
     if failed or any("error" in r for r in report["inference"].values()) or "error" in report["evaluation"]:
         sys.exit(1)  # a failed diffusers run is reported, not fatal: it is someone else's script
 

@@ -84,11 +84,13 @@ def train_here(trainer: str, argv: list[str], script: str | None = None) -> dict
     loaded = None
     if trainer == "ours":
         from singlora_diffusion.training import build, fit, make_accelerator, parse_config, validate
+        from singlora_diffusion.training.build import encode_prompts_once
 
         cfg = parse_config(argv)  # train(cfg) less class images, trackers and the final export
         inputs = validate(cfg)
         accelerator = make_accelerator(cfg)
         trainee = build(cfg, inputs, accelerator.device)
+        encode_prompts_once(cfg, trainee, inputs)  # as train(): prompts cached, text encoders freed
         loaded = rss_gb()
         fit(cfg, trainee, inputs, accelerator, log=lambda *_: None)
     else:

@@ -26,14 +26,15 @@ class Family:
     pipeline: str             # the diffusers pipeline class
     objective: str            # "ddpm" (ε / v prediction) or "flow" (rectified flow, target noise − x0)
     base_model_version: str   # kohya's ss_base_model_version (SD1.x: sd_v1, or sd_v2 by context width)
+    t5: str | None = None     # the component holding T5 (frozen, never adapted)
 
 
 FAMILIES = {f.arch: f for f in (
     Family("sd", "unet", "StableDiffusionPipeline", "ddpm", "sd_v1"),
     Family("sdxl", "unet", "StableDiffusionXLPipeline", "ddpm", "sdxl_base_v1-0"),
     # kohya's sd3 / flux branches write sd3_m and flux1 (library/sai_model_spec.py)
-    Family("sd3", "transformer", "StableDiffusion3Pipeline", "flow", "sd3_m"),
-    Family("flux", "transformer", "FluxPipeline", "flow", "flux1"),
+    Family("sd3", "transformer", "StableDiffusion3Pipeline", "flow", "sd3_m", "text_encoder_3"),
+    Family("flux", "transformer", "FluxPipeline", "flow", "flux1", "text_encoder_2"),
 )}
 DENOISERS = ("unet", "transformer")
 # the denoiser classes of the transformer families (a UNet is sd or sdxl by its config)

@@ -277,7 +277,7 @@ def _validate_against(adapter: AdapterFile, components: dict[str, nn.Module],
             if not isinstance(layer, nn.Linear):
                 misfit(f"key {key} names no Linear layer in this {component}", key)
                 continue
-            d_out, d_in = layer.weight.shape
+            d_out, d_in = layer.out_features, layer.in_features  # a quantized weight is packed
             expected = (max(d_in, d_out), adapter.rank)
             if tuple(A.shape) != expected:
                 misfit(f"key {key} has shape {tuple(A.shape)} but this base's Linear({d_in} -> {d_out}) needs "

@@ -29,13 +29,50 @@ def decode_in_vae_dtype(vae):
             h.remove()
 
 
+def _arch(pipe) -> str:
+    from .families import family_of
+    from .pipelines import denoiser
+
+    return family_of(denoiser(pipe)).arch
+
+
+def encode_prompt(pipe, prompt: str, negative_prompt: str | None = None, guidance: bool = False,
+                  max_sequence_length: int | None = None, device=None) -> dict:
+    """One prompt through the pipeline's own encode_prompt, as its __call__ keyword arguments:
+    prompt_embeds and, by family, pooled_prompt_embeds; with guidance (classifier-free, SD /
+    SDXL / SD3) also the negative ones, made as the pipeline makes them (SDXL's zeros for an
+    empty negative prompt included). Flux has no negative: its guidance is an input of the model.
+
+    max_sequence_length: T5's tokens (SD3, Flux); None = the pipeline's own default.
+    device: the pipeline's execution device, when the caller knows it (finding it walks every module).
+    """
+    arch, device = _arch(pipe), device or pipe._execution_device
+    t5 = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    if arch == "sd":
+        embeds, negative = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt)
+        out = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    elif arch == "flux":
+        embeds, pooled, _text_ids = pipe.encode_prompt(prompt, None, device=device, num_images_per_prompt=1, **t5)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    else:  # sdxl, sd3: CLIP-L ⊕ CLIP-G (SD3: then T5's tokens); pooled: both CLIP projections
+        more = {"prompt_2": None, "prompt_3": None, **t5} if arch == "sd3" else {}
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
+            negative_prompt=negative_prompt, **more)
+        out = {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+               "negative_pooled_prompt_embeds": negative_pooled}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def render(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float = 7.5,
            negative_prompt: str | None = None, width: int | None = None, height: int | None = None,
-           num_images: int = 1, output_type: str = "pil", on_step=None):
+           num_images: int = 1, output_type: str = "pil", on_step=None, embeds: dict | None = None):
     """Images (or latents) for one prompt with a seeded CPU generator, so runs are reproducible anywhere.
 
     on_step(steps_done, steps) runs after every denoising step; an exception it
     raises stops the render there (the web UI's cancel).
+    embeds: the prompt (and negative prompt) already encoded (encode_prompt with guidance), used
+    instead of the strings, so a pipeline whose text encoders were freed still renders.
     """
     generator = torch.Generator("cpu").manual_seed(seed)
     extra = {}
@@ -44,7 +81,14 @@ def render(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float = 
             on_step(index + 1, steps)
             return tensors
         extra["callback_on_step_end"] = callback
+    text = {"prompt": prompt, "negative_prompt": negative_prompt} if embeds is None else embeds
+    per_prompt = num_images
+    if embeds is not None and num_images > 1 and _arch(pipe) in ("sd3", "flux"):
+        # SD3's and Flux's encode_prompt repeat embeddings per image only when they encode the
+        # string; given ones count as one prompt per row (SD's and SDXL's repeat them: not there)
+        text = {k: v.repeat(num_images, *([1] * (v.dim() - 1))) for k, v in embeds.items()}
+        per_prompt = 1
     with decode_in_vae_dtype(pipe.vae):
-        return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                    width=width, height=height, num_images_per_prompt=num_images, generator=generator,
+        return pipe(**text, num_inference_steps=steps, guidance_scale=guidance,
+                    width=width, height=height, num_images_per_prompt=per_prompt, generator=generator,
                     output_type=output_type, **extra).images

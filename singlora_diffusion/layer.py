@@ -98,7 +98,9 @@ class SingLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"SingLoRA wraps nn.Linear layers, got {type(base_layer).__name__}")
-        d_out, d_in = base_layer.weight.shape
+        # the features, not weight.shape: a quantized base's weight is packed (bitsandbytes' Linear4bit
+        # holds 4-bit pairs in a (d_out·d_in/2, 1) tensor)
+        d_out, d_in = base_layer.out_features, base_layer.in_features
         n = max(d_in, d_out)
         check_rank(rank, d_in, d_out)
         self.base_layer = base_layer
@@ -189,6 +191,10 @@ class SingLoRALinear(nn.Module):
             return
         coef = self.coef()
         W = self.base_layer.weight
+        if tuple(W.shape) != (self.d_out, self.d_in) or not W.dtype.is_floating_point:
+            raise BadInput(f"cannot merge into a quantized layer (its weight is {W.dtype} {tuple(W.shape)}, "
+                           f"not a ({self.d_out}, {self.d_in}) float matrix): merge into the unquantized base "
+                           f"(singlora merge loads it without --quantize_base)")
         W.copy_((W.to(torch.float32) + delta_weight(self.singlora_A, self.d_out, self.d_in, coef)).to(W.dtype))
         self.merged_coef = float(coef)
 

@@ -21,6 +21,11 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = tuple(DTYPES)
 TINY_PREFIX, RANDOM_PREFIX = "tiny:", "random:"
 TOY_BASE = "toy:shapes"  # the pretrained toy base shipped in the package (toy/base.py)
+# --quantize_base -> (diffusers' PipelineQuantizationConfig backend, its settings): bitsandbytes'
+# NF4 (QLoRA's 4-bit type, as diffusers' Flux quantization example trains on) and LLM.int8
+QUANTIZATIONS = {"nf4": ("bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),
+                 "int8": ("bitsandbytes_8bit", {"load_in_8bit": True})}
+QUANTIZE_CHOICES = ("none", *QUANTIZATIONS)
 
 
 def pipeline_components(pipe) -> dict[str, nn.Module]:
@@ -80,7 +85,8 @@ def inject_adapters(components: dict[str, nn.Module], cfg: AdapterConfig,
     for component, targets in plan.items():  # every layer checked before any adapter is built
         model = components[component]
         for name in find_targets(model, targets, COMPONENT_KIND[component]):
-            check_rank(cfg.rank, *reversed(model.get_submodule(name).weight.shape), name)
+            layer = model.get_submodule(name)  # features, not weight.shape: a quantized weight is packed
+            check_rank(cfg.rank, layer.in_features, layer.out_features, name)
     injected = {}
     for i, (component, targets) in enumerate(plan.items()):
         model, kind = components[component], COMPONENT_KIND[component]
@@ -224,13 +230,51 @@ def peek_family(base: str | os.PathLike):
     return next((f for f in FAMILIES.values() if f.pipeline == pipeline), None)
 
 
+def check_quantization(quantize: str | None, base: str | os.PathLike) -> None:
+    """--quantize_base's needs, said before any model loads: a CUDA GPU, bitsandbytes, a diffusers
+    folder or hub id (diffusers quantizes while loading from_pretrained; from_single_file does not)."""
+    from .errors import MissingDependency
+    from .single_file import is_single_file
+
+    if quantize in (None, "none"):
+        return
+    if quantize not in QUANTIZATIONS:
+        raise BadInput(f"--quantize_base must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if not torch.cuda.is_available():
+        raise BadInput(f"--quantize_base {quantize} needs a CUDA GPU (bitsandbytes' kernels) and this machine has "
+                       f"none: drop the flag (--mixed_precision bf16 and --gradient_checkpointing save memory "
+                       f"on any device)")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependency(f"--quantize_base {quantize} needs bitsandbytes: pip install bitsandbytes")
+    if is_single_file(base):
+        raise BadInput(f"--quantize_base {quantize} quantizes while diffusers loads a folder; {base} is a single "
+                       f"file: convert it first (singlora merge --out DIR of an adapter, or diffusers' "
+                       f"from_single_file(...).save_pretrained(DIR)), or drop the flag")
+
+
+def quantization_config(quantize: str, dtype: torch.dtype, family):
+    """diffusers' PipelineQuantizationConfig for the frozen big models of `family`: its denoiser and T5.
+
+    The CLIP encoders stay unquantized (they may train; they are small). Matmuls run in `dtype`.
+    """
+    from diffusers import PipelineQuantizationConfig
+
+    backend, settings = QUANTIZATIONS[quantize]
+    if quantize == "nf4":
+        settings = {**settings, "bnb_4bit_compute_dtype": dtype}
+    components = [family.denoiser] + ([family.t5] if family.t5 else [])
+    return PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=settings, components_to_quantize=components)
+
+
 def inference_dtype(device: str | torch.device) -> torch.dtype:
     """fp16 on a GPU, as diffusers' examples render; float32 on a CPU, where fp16 kernels are slow."""
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
 def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None,
-                  vae_fp32_if_upcast: bool = False):
+                  vae_fp32_if_upcast: bool = False, quantize: str | None = None):
     """A diffusers text-to-image pipeline from a hub id, a local folder, a single-file checkpoint
     (A1111 / Civitai .safetensors; _load_single_file) or a test name (tiny:sd15), its weights in `dtype`.
 
@@ -240,19 +284,29 @@ def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, d
 
     vae_fp32_if_upcast: with an fp16 `dtype`, a VAE whose config sets force_upcast (SD1.5's
     and SDXL's: they overflow in fp16) is loaded in float32 from its own files instead.
+
+    quantize: "nf4" | "int8" loads the denoiser and T5 quantized by bitsandbytes, on the GPU
+    (check_quantization says what it needs; quantization_config what is quantized).
     """
     from diffusers import DiffusionPipeline
 
     from .single_file import is_single_file, read_checkpoint
 
     check_base_exists(base)
+    check_quantization(quantize, base)
     if is_single_file(base):
         pipe = _load_single_file(read_checkpoint(base), dtype, vae_fp32_if_upcast)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device) if device else pipe
     base = resolve_base(base)
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype)
+        extra = {}
+        if quantize not in (None, "none"):
+            family = peek_family(base)
+            if family is None:
+                raise BadInput(f"--quantize_base {quantize}: {base} has no model_index.json naming its pipeline")
+            extra["quantization_config"] = quantization_config(quantize, dtype, family)
+        pipe = DiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype, **extra)
         if (vae_fp32_if_upcast and dtype == torch.float16 and getattr(pipe, "vae", None) is not None
                 and getattr(pipe.vae.config, "force_upcast", False)):
             pipe.register_modules(vae=type(pipe.vae).from_pretrained(str(base), subfolder="vae",

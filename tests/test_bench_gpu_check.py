@@ -35,8 +35,15 @@ def test_gpu_check_dry_run_measures_everything(tmp_path):
         inference = report["inference"][arch]
         assert inference["unmerged"] > 0 and inference["merged"] > 0
     assert report["evaluation"]["images_per_s"] > 0
+    assert set(report["dit"]) == {"tiny:sd3 32 px", "tiny:flux 32 px"}
+    for rows in report["dit"].values():
+        assert set(rows) == {"singlora", "lora"}
+        assert all(r["steps_per_s"] > 0 and r["predicted_gb"] > 0 for r in rows.values()), rows
+        assert rows["lora"]["trainable"] == 2 * rows["singlora"]["trainable"]  # square attention layers
+    assert all("GPU-only" in r["skipped"] for r in report["quantized"].values())
     table = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| base | trainer | steps/s |" in table and "unmerged / merged" in table and "embed_subject" in table
+    assert "| tiny:flux 32 px | singlora |" in table and "--quantize_base nf4" in table
 
 
 def test_memory_bench_quick(tmp_path):

@@ -140,40 +140,19 @@ class LatentSource:
         return to_denoiser_latents(self.vae.config, latents)
 
 
-def _sd(pipe, prompt, device, max_len):
-    return {"encoder_hidden_states": pipe.encode_prompt(prompt, device, 1, False)[0]}
-
-
-def _sdxl(pipe, prompt, device, max_len):
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
-    return {"encoder_hidden_states": embeds, "text_embeds": pooled}
-
-
-def _sd3(pipe, prompt, device, max_len):
-    # CLIP-L ⊕ CLIP-G states, padded to T5's width, then T5's tokens; pooled: both CLIP projections
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt, None, None, device=device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False, max_sequence_length=max_len)
-    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
-
-def _flux(pipe, prompt, device, max_len):
-    # T5's tokens; pooled: CLIP-L's; txt_ids: the tokens' (zero) RoPE positions, one set for the batch
-    embeds, pooled, text_ids = pipe.encode_prompt(prompt, None, device=device, num_images_per_prompt=1,
-                                                  max_sequence_length=max_len)
-    return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
-
-
-ENCODE = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+POOLED_INPUT = {"sdxl": "text_embeds", "sd3": "pooled_projections", "flux": "pooled_projections"}
 SHARED = ("txt_ids",)  # the same for every prompt: not stacked along the batch
 
 
 class PromptEncoder:
-    """Prompt conditioning through the pipeline's own encode_prompt, as the family's forward
-    (objective.FORWARD) takes it: {"encoder_hidden_states": …, and the family's pooled inputs}.
+    """Prompt conditioning, through the pipeline's own encode_prompt (generate.encode_prompt), as
+    the family's forward (objective.FORWARD) takes it: {"encoder_hidden_states": …, and the
+    family's pooled input; Flux: its tokens' (zero) RoPE ids "txt_ids", as FluxPipeline makes them}.
 
-    When no text encoder trains, each prompt is encoded once and reused. (When CLIP trains,
-    every step re-encodes, T5 included, as diffusers' SD3/Flux scripts do.)
+    With `cache` (no text encoder trains), each prompt is encoded once and reused; `prepare`
+    encodes every prompt a run needs, for training and for rendering (validation, model card),
+    after which the text encoders can be freed (release_text_encoders): T5 alone is 9.5 GB in
+    bf16. (When CLIP trains, every step re-encodes, T5 included, as diffusers' SD3/Flux scripts do.)
     """
 
     def __init__(self, pipe, cache: bool, max_sequence_length: int | None = None):
@@ -187,14 +166,33 @@ class PromptEncoder:
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(self.arch)
         self.device = pipe.device  # once: the property walks every submodule
         self.cache: dict[str, dict] = {}
+        self.render_cache: dict[str, dict] = {}
+        self.released = False  # the text encoders are gone: only cached prompts can be served
 
     def _encode(self, prompt: str) -> dict:
-        return ENCODE[self.arch](self.pipe, prompt, self.device, self.max_sequence_length)
+        from ..generate import encode_prompt
+
+        t5 = self.max_sequence_length if self.arch in ("sd3", "flux") else None
+        out = encode_prompt(self.pipe, prompt, max_sequence_length=t5, device=self.device)
+        cond = {"encoder_hidden_states": out["prompt_embeds"]}
+        if self.arch in POOLED_INPUT:
+            cond[POOLED_INPUT[self.arch]] = out["pooled_prompt_embeds"]
+        if self.arch == "flux":
+            embeds = out["prompt_embeds"]
+            cond["txt_ids"] = torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=embeds.dtype)
+        return cond
+
+    def _missing(self, prompt: str, use: str) -> Exception:
+        return RuntimeError(f"prompt {prompt!r} is needed for {use} but was not encoded before the text "
+                            f"encoders were freed (PromptEncoder.prepare): a bug; --cache_text_embeddings "
+                            f"false keeps the text encoders")
 
     def get(self, prompt: str) -> dict:
         if not self.cache_enabled:
             return self._encode(prompt)
         if prompt not in self.cache:
+            if self.released:
+                raise self._missing(prompt, "training")
             with torch.no_grad():
                 self.cache[prompt] = self._encode(prompt)
         return self.cache[prompt]
@@ -203,6 +201,57 @@ class PromptEncoder:
         """The conditioning of a micro-batch's prompts, stacked."""
         conds = [self.get(p) for p in prompts]
         return {k: conds[0][k] if k in SHARED else torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+    def for_render(self, prompt: str) -> dict | None:
+        """generate.render's embeds for `prompt` (with guidance's negatives, T5 at the pipeline's
+        own length, as rendering from the string encodes it); None while the text encoders are
+        there and nothing is cached: render encodes the string itself."""
+        from ..generate import encode_prompt
+
+        if prompt not in self.render_cache:
+            if self.released:
+                raise self._missing(prompt, "rendering")
+            if not self.cache_enabled:
+                return None
+            with torch.no_grad():
+                self.render_cache[prompt] = encode_prompt(self.pipe, prompt, guidance=True, device=self.device)
+        return self.render_cache[prompt]
+
+    def prepare(self, training: list[str], rendering: list[str]) -> None:
+        """Encode now every prompt the run will train on and render."""
+        for prompt in dict.fromkeys(training):
+            self.get(prompt)
+        for prompt in dict.fromkeys(rendering):
+            self.for_render(prompt)
+
+
+def run_prompts(cfg, concepts: list[Concept], items: list[Item]) -> tuple[list[str], list[str]]:
+    """(the prompts training conditions on, the prompts it renders): every caption and instance
+    prompt, the class prompts with prior preservation, "" with caption dropout; the validation and
+    model-card prompts (dataset.sample_prompts)."""
+    from .dataset import sample_prompts
+
+    training = [item.prompt for item in items]
+    if cfg.with_prior_preservation:
+        training += [c.class_prompt for c in concepts]
+    if cfg.caption_dropout_rate:
+        training.append("")
+    return list(dict.fromkeys(training)), sample_prompts(cfg, concepts)
+
+
+def release_text_encoders(pipe) -> list[str]:
+    """Drop the pipeline's text encoders (after every prompt was encoded): the names freed.
+
+    As diffusers' SD3/Flux DreamBooth scripts do once their embeddings are computed; tokenizers stay.
+    """
+    import gc
+
+    names = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, n, None) is not None]
+    pipe.register_modules(**{n: None for n in names})
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return names
 
 
 @dataclass

@@ -14,8 +14,9 @@ from ..errors import BadInput
 from ..files import check_writable
 from ..images import ImageFolderError, scan_images
 from ..inject import singlora_parameters
-from ..pipelines import DTYPES, peek_family, side_multiple, check_base_exists, inject_adapters, load_pipeline, pipeline_components, resolve_base
+from ..pipelines import DTYPES, check_quantization, peek_family, side_multiple, check_base_exists, inject_adapters, load_pipeline, pipeline_components, resolve_base
 from ..targets import check_denoiser_spec
+from .batches import PromptEncoder, release_text_encoders, run_prompts
 from .config import TrainConfig
 from .objective import check_objective_flags
 from .dataset import Concept, Item, load_concepts, training_items
@@ -55,6 +56,7 @@ def validate(cfg: TrainConfig) -> Inputs:
     check_denoiser_spec(cfg.target_modules)
     base = resolve_base(cfg.pretrained_model_name_or_path)
     check_base_exists(base)
+    check_quantization(cfg.quantize_base, base)  # a GPU and bitsandbytes, said before the base loads
     family = peek_family(base)
     if family is not None:  # a DDPM flag on a flow-matching base (or back), said before the base loads
         check_objective_flags(cfg, family)
@@ -83,6 +85,7 @@ class Trainee:
     weight_dtype: torch.dtype
     ramp_up_steps: int
     adapter: str = "singlora"
+    prompts: object = None                 # batches.PromptEncoder: every prompt's conditioning (build sets it)
 
     @property
     def denoiser_name(self) -> str:
@@ -124,7 +127,7 @@ def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
     # The frozen base is loaded straight in the training dtype: an SDXL loaded in float32
     # first would need 14 GB of RAM before it is cast (and a VAE cast fp32 -> fp16 -> fp32
     # would round its weights).
-    pipe = load_pipeline(inputs.base, dtype=weight_dtype, vae_fp32_if_upcast=True)
+    pipe = load_pipeline(inputs.base, dtype=weight_dtype, vae_fp32_if_upcast=True, quantize=cfg.quantize_base)
     components = pipeline_components(pipe)
     ramp_up_steps = cfg.resolved_ramp_up_steps(cfg.max_train_steps)
     # every model of the pipeline, T5 too (it is not among the adaptable components): a T5 left
@@ -146,7 +149,25 @@ def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
     if cfg.gradient_checkpointing:
         for c, model in trained.items():  # diffusers and transformers name the switch differently
             (model.enable_gradient_checkpointing if c in DENOISERS else model.gradient_checkpointing_enable)()
-    return Trainee(pipe, components, trained, weight_dtype, ramp_up_steps, cfg.adapter)
+    trainee = Trainee(pipe, components, trained, weight_dtype, ramp_up_steps, cfg.adapter)
+    trainee.prompts = PromptEncoder(pipe, cfg.cache_text_embeddings and not trainee.trains_text_encoders,
+                                    cfg.max_sequence_length)
+    return trainee
+
+
+def encode_prompts_once(cfg: TrainConfig, trainee: Trainee, inputs: Inputs) -> list[str]:
+    """When the text embeddings are cached, encode every prompt the run needs now and free the text
+    encoders (T5 included): the names freed, none when a text encoder trains or with
+    --cache_text_embeddings false. After any class-image generation, which renders with them."""
+    prompts = trainee.prompts
+    if not prompts.cache_enabled:
+        return []
+    prompts.prepare(*run_prompts(cfg, inputs.concepts, inputs.items))
+    freed = release_text_encoders(trainee.pipe)
+    prompts.released = True
+    for name in freed:
+        trainee.components.pop(name, None)
+    return freed
 
 
 def check_resolution(cfg: TrainConfig, pipe) -> None:

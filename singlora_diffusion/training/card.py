@@ -6,7 +6,7 @@ from pathlib import Path
 from ..files import write_text
 from .build import Trainee
 from .config import TrainConfig
-from .dataset import Concept, validation_prompts
+from .dataset import Concept, sample_prompts
 
 
 def optimizer_line(cfg: TrainConfig) -> str:
@@ -36,16 +36,17 @@ def write_model_card(cfg: TrainConfig, trainee: Trainee, output_dir: Path, weigh
     from ..adapters import adapters_off
     from ..generate import render
 
-    prompts = validation_prompts(cfg, concepts) or list(dict.fromkeys(c.instance_prompt for c in concepts))
+    prompts = sample_prompts(cfg, concepts)
     for m in trainee.trained.values():
         m.eval()
     settings = dict(seed=cfg.seed, steps=cfg.validation_inference_steps, num_images=cfg.num_validation_images,
                     width=cfg.resolution, height=cfg.resolution)
     rows = []
     for prompt in prompts:
+        embeds = trainee.prompts.for_render(prompt)  # the text encoders may be freed (run.train)
         with adapters_off(trainee.pipe):
-            rows.append(render(trainee.pipe, prompt, **settings))
-        rows.append(render(trainee.pipe, prompt, **settings))
+            rows.append(render(trainee.pipe, prompt, embeds=embeds, **settings))
+        rows.append(render(trainee.pipe, prompt, embeds=embeds, **settings))
     grid_path = output_dir / "samples.png"
     make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0])).save(grid_path)
     subjects = "\n".join(f"- instance prompt: `{c.instance_prompt}` ({c.instance_data_dir}"

@@ -20,7 +20,7 @@ from ..bundled import preset_names, preset_path, resolve_data_dir
 from ..config import AdapterConfig
 from ..dataclass_cli import dataclass_parser
 from ..errors import BadInput, NotFound
-from ..pipelines import PRECISIONS
+from ..pipelines import PRECISIONS, QUANTIZE_CHOICES
 from ..targets import TargetSpec
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
@@ -110,6 +110,9 @@ class TrainConfig(AdapterConfig):
     mixed_precision: str = _f("no", "no | fp16 | bf16: the frozen base in this dtype; adapters stay fp32",
                               choices=PRECISIONS)
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet / transformer (and text encoder)")
+    quantize_base: str = _f("none", "none | nf4 | int8: load the frozen UNet / transformer (and T5) quantized by "
+                                    "bitsandbytes (CUDA GPUs only; QLoRA-style: the adapters stay float32)",
+                            choices=QUANTIZE_CHOICES)
     snr_gamma: float | None = _f(None, "min-SNR loss weighting gamma (5.0 is the paper's value) of the instance "
                                        "loss; the prior-preservation loss stays unweighted. Unset = off. "
                                        "SD1.x/2.x and SDXL only")

@@ -141,3 +141,9 @@ def validation_prompts(cfg, concepts: list[Concept]) -> list[str]:
     if cfg.concepts_list:
         prompts += [c.validation_prompt or (c.instance_prompt if cfg.validation_prompt else None) for c in concepts]
     return list(dict.fromkeys(p for p in prompts if p))
+
+
+def sample_prompts(cfg, concepts: list[Concept]) -> list[str]:
+    """What the run renders at all: the validation prompts, and the model card's (the validation
+    prompts, else each concept's instance prompt)."""
+    return validation_prompts(cfg, concepts) or list(dict.fromkeys(c.instance_prompt for c in concepts))

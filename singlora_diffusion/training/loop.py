@@ -93,8 +93,7 @@ class TrainingLoop:
         self.objective = make_objective(cfg, pipe, trainee.family)
         self.data = TrainingData(cfg, pipe.vae, inputs.concepts, inputs.items, inputs.class_images,
                                  cfg.with_prior_preservation)
-        self.prompts = PromptEncoder(pipe, cfg.cache_text_embeddings and not trainee.trains_text_encoders,
-                                     cfg.max_sequence_length)
+        self.prompts = trainee.prompts
         self.params = trainee.parameters()
         self.optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, param_groups(cfg, trainee)))
         self.ema = AdapterEMA(self.params, cfg.ema_decay) if cfg.use_ema else None
@@ -263,7 +262,8 @@ def validate_images(cfg: TrainConfig, trainee: Trainee, accelerator, step: int, 
     for m in models:
         m.eval()
     images = [image for prompt in prompts
-              for image in render(trainee.pipe, prompt, seed=cfg.seed, steps=cfg.validation_inference_steps,
+              for image in render(trainee.pipe, prompt, embeds=trainee.prompts.for_render(prompt), seed=cfg.seed,
+                                  steps=cfg.validation_inference_steps,
                                   num_images=cfg.num_validation_images, width=cfg.resolution, height=cfg.resolution)]
     for m in models:
         m.train()

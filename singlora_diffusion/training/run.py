@@ -9,7 +9,7 @@ import torch
 
 from ..errors import WriteError
 from ..files import atomic_path, write_text
-from .build import Inputs, Trainee, build, validate
+from .build import Inputs, Trainee, build, encode_prompts_once, validate
 from .card import optimizer_line
 from .dataset import num_class_images
 from .checkpoint import reconcile_resume, resolve_resume, write_failure
@@ -66,7 +66,7 @@ def image_lines(cfg: TrainConfig, inputs: Inputs) -> list[str]:
     return lines
 
 
-def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> str:
+def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, freed: list[str] = ()) -> str:
     n_params = sum(p.numel() for p in trainee.parameters())
     lines = [
         "=" * 72,
@@ -80,6 +80,8 @@ def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator) -> 
         f"{cfg.gradient_accumulation_steps} x {accelerator.num_processes} process(es)",
         f" optimizer   {optimizer_line(cfg).removeprefix('optimizer ')}; lr {cfg.learning_rate:g}",
         f" precision   base {cfg.mixed_precision}, adapter float32; seed {cfg.seed}",
+        " prompts     " + (f"encoded once, then {', '.join(freed)} freed" if freed else
+                            "encoded every step (a text encoder trains, or --cache_text_embeddings false)"),
         f" output      {cfg.output_dir}",
         "=" * 72,
     ]
@@ -131,8 +133,9 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
     trainee = build(cfg, inputs, accelerator.device)
     if cfg.with_prior_preservation:
         generate_class_images(cfg, trainee, inputs, accelerator)
+    freed = encode_prompts_once(cfg, trainee, inputs)
     if accelerator.is_main_process:
-        print(summary(cfg, trainee, inputs, accelerator))
+        print(summary(cfg, trainee, inputs, accelerator, freed))
     accelerator.init_trackers("singlora-dreambooth", config={k: v for k, v in vars(cfg).items()
                                                              if isinstance(v, (int, float, str, bool))})
     result = fit(cfg, trainee, inputs, accelerator, resume=resume)
