@@ -29,7 +29,8 @@ def decode_in_vae_dtype(vae):
             h.remove()
 
 
-def _arch(pipe) -> str:
+def pipeline_arch(pipe) -> str:
+    """The family ("sd", "sdxl", "sd3", "flux") of a pipeline, from its denoiser."""
     from .families import family_of
     from .pipelines import denoiser
 
@@ -46,7 +47,7 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str | None = None, guidanc
     max_sequence_length: T5's tokens (SD3, Flux); None = the pipeline's own default.
     device: the pipeline's execution device, when the caller knows it (finding it walks every module).
     """
-    arch, device = _arch(pipe), device or pipe._execution_device
+    arch, device = pipeline_arch(pipe), device or pipe._execution_device
     t5 = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     if arch == "sd":
         embeds, negative = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt)
@@ -83,7 +84,7 @@ def render(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float = 
         extra["callback_on_step_end"] = callback
     text = {"prompt": prompt, "negative_prompt": negative_prompt} if embeds is None else embeds
     per_prompt = num_images
-    if embeds is not None and num_images > 1 and _arch(pipe) in ("sd3", "flux"):
+    if embeds is not None and num_images > 1 and pipeline_arch(pipe) in ("sd3", "flux"):
         # SD3's and Flux's encode_prompt repeat embeddings per image only when they encode the
         # string; given ones count as one prompt per row (SD's and SDXL's repeat them: not there)
         text = {k: v.repeat(num_images, *([1] * (v.dim() - 1))) for k, v in embeds.items()}

@@ -156,12 +156,11 @@ class PromptEncoder:
     """
 
     def __init__(self, pipe, cache: bool, max_sequence_length: int | None = None):
-        from ..families import family_of
-        from ..pipelines import denoiser
+        from ..generate import pipeline_arch
         from .objective import DEFAULT_MAX_SEQUENCE_LENGTH
 
         self.pipe, self.cache_enabled = pipe, cache
-        self.arch = family_of(denoiser(pipe)).arch
+        self.arch = pipeline_arch(pipe)
         # T5 tokens (SD3 / Flux): as given, else the family's default in diffusers' scripts
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(self.arch)
         self.device = pipe.device  # once: the property walks every submodule
