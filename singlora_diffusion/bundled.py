@@ -23,6 +23,11 @@ def preset_path(name: str) -> Path:
     return _package_dir("configs", f"{name}.yaml")
 
 
+def grid_plan_path(name: str) -> Path:
+    """A shipped grid plan (configs/grids/: grid_paper_table3, grid_toy), for `singlora grid NAME`."""
+    return _package_dir("configs", "grids", f"{name}.yaml")
+
+
 def resolve_data_dir(value: str | None) -> str | None:
     """`bundled:dog3` -> the shipped folder; anything else as given."""
     if value and value.startswith(BUNDLED_PREFIX):

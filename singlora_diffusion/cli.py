@@ -110,6 +110,14 @@ def _generate(args):
     print(f"wrote {args.out}")
 
 
+def _grid(args):
+    from .grid import main as grid_main
+
+    code = grid_main(args.plan, args.out, args.dry_run, args.table, args.gpu_check)
+    if code:
+        raise SystemExit(code)
+
+
 def _webui(args):
     from .webui.app import main as webui_main
 
@@ -183,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_generate)
+
+    s = sub.add_parser("grid", help="the DreamBench grid subjects x methods x seeds from a YAML plan (the paper's "
+                                     "Table 3: grid_paper_table3): train, evaluate, table; resumable; run it in N "
+                                     "processes (accelerate launch, or machines sharing --out) to share the cells")
+    s.add_argument("plan", help="a plan YAML, or a shipped one: grid_paper_table3, grid_toy")
+    s.add_argument("--out", help="folder of the cells and the table (the same for every process)")
+    s.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the runs, images and estimated GPU time; run nothing")
+    s.add_argument("--table", action="store_true", help="write the table from the cells finished so far; run nothing")
+    s.add_argument("--gpu_check", help="gpu_check.json whose measured rates --dry-run uses "
+                                       "(default outputs/gpu_check/gpu_check.json when present)")
+    s.set_defaults(func=_grid)
 
     s = sub.add_parser("webui", help="the Gradio web UI (same flags as webui/app.py)", add_help=False)
     s.add_argument("webui_args", nargs=argparse.REMAINDER)

@@ -1,8 +1,10 @@
-"""python -m singlora_diffusion.toy {pretrain,demo}: make the toy base; score and picture the demo.
+"""python -m singlora_diffusion.toy {pretrain,demo,subjects}: make the toy base; score and picture the demo.
 
   pretrain [--quick] [--out DIR] [--threads N]   the toy base's pretraining (toy/pretrain.py)
   demo OUTPUT_DIR                                after `train_dreambooth.py --config demo`: base vs
                                                  adapter picture and toy scores (toy/demo.py)
+  subjects [--out DIR]                           the grid rehearsal's extra subjects (toy/world.py's
+                                                 GRID_SUBJECTS; default: the package's assets/toy_subjects)
 """
 from __future__ import annotations
 
@@ -28,7 +30,18 @@ def main(argv: list[str] | None = None) -> int:
                    "PretrainSettings', those of the shipped base)")
     d = sub.add_parser("demo", help="score the demo's adapter against the toy base; draw before_after.png")
     d.add_argument("output_dir", type=Path, help="the training output folder (outputs/demo)")
+    s = sub.add_parser("subjects", help="write the grid rehearsal's extra toy subjects (blue circle, ...)")
+    s.add_argument("--out", type=Path, default=None, help="default: the package's assets/toy_subjects")
     args = parser.parse_args(argv)
+    if args.command == "subjects":
+        from ..bundled import bundled_subject
+        from .world import GRID_SUBJECTS, write_subject
+
+        out = args.out or bundled_subject("toy_subjects")
+        for name, (shape, colour, seed) in GRID_SUBJECTS.items():
+            write_subject(out / name, shape, colour, seed)
+        print(f"wrote {', '.join(GRID_SUBJECTS)} in {out}")
+        return 0
     if args.command == "demo":
         from ..dataclass_cli import run_command
         from .demo import run

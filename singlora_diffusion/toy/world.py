@@ -91,11 +91,14 @@ def class_sample(rng: random.Random) -> tuple[Image.Image, str, tuple[int, int, 
                                                        ALL_COLOURS.index(background))
 
 
-def subject_sample(rng: random.Random, background: str | None = None) -> tuple[Image.Image, str, tuple[int, int, int]]:
-    """The subject on a known background (random unless given), its caption and labels."""
+def subject_sample(rng: random.Random, background: str | None = None, shape: str = SUBJECT_SHAPE,
+                   colour: str = SUBJECT_COLOUR_NAME) -> tuple[Image.Image, str, tuple[int, int, int]]:
+    """A subject (by default the magenta cross) on a known background (random unless given), its
+    caption and labels."""
     background = background or rng.choice(list(COLOURS))
-    image = draw(SUBJECT_SHAPE, SUBJECT_COLOUR, COLOURS[background], rng)
-    return image, subject_caption(background), (ALL_SHAPES.index(SUBJECT_SHAPE), ALL_COLOURS.index(SUBJECT_COLOUR_NAME),
+    rgb = SUBJECT_COLOUR if colour == SUBJECT_COLOUR_NAME else COLOURS[colour]
+    image = draw(shape, rgb, COLOURS[background], rng)
+    return image, subject_caption(background), (ALL_SHAPES.index(shape), ALL_COLOURS.index(colour),
                                                 ALL_COLOURS.index(background))
 
 
@@ -118,18 +121,27 @@ def to_array(images: list[Image.Image]) -> np.ndarray:
 SUBJECT_DATA = "bundled:toy_subject"  # its --instance_data_dir / --subject_dir
 SUBJECT_BACKGROUNDS = ("red", "green", "blue", "yellow", "black")
 SUBJECT_SEED = 2024
+# More subjects for the grid's CPU rehearsal (assets/toy_subjects/, configs/grids/grid_toy.yaml):
+# one specific known shape in a known colour bound to "sks", as a DreamBench subject is one
+# specific dog of a class the base knows (the extractor knows only the cross in magenta, so a
+# magenta circle would score as the cross). Their backgrounds: the five not of their own colour.
+GRID_SUBJECTS = {"blue_circle": ("circle", "blue", 2025), "red_square": ("square", "red", 2026),
+                 "green_triangle": ("triangle", "green", 2027)}
 
 
-def write_subject(folder) -> list:
-    """The bundled subject's images and caption files ("a sks shape on a red background")."""
+def write_subject(folder, shape: str = SUBJECT_SHAPE, colour: str = SUBJECT_COLOUR_NAME,
+                  seed: int = SUBJECT_SEED) -> list:
+    """A subject's images and caption files ("a sks shape on a red background"); by default the
+    bundled one, the magenta cross; `python -m singlora_diffusion.toy subjects` writes the others."""
     from pathlib import Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(SUBJECT_SEED)
+    rng = random.Random(seed)
     written = []
-    for i, background in enumerate(SUBJECT_BACKGROUNDS):
-        image, text, _ = subject_sample(rng, background)
+    backgrounds = SUBJECT_BACKGROUNDS if colour == SUBJECT_COLOUR_NAME else [c for c in COLOURS if c != colour]
+    for i, background in enumerate(backgrounds):
+        image, text, _ = subject_sample(rng, background, shape, colour)
         image.save(folder / f"sks-{i}.png")
         (folder / f"sks-{i}.txt").write_text(text + "\n")
         written.append(folder / f"sks-{i}.png")

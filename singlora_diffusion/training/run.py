@@ -111,8 +111,12 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def train(cfg: TrainConfig) -> dict[str, Path]:
-    """The whole job; returns the files written (empty on an interrupted run)."""
+def train(cfg: TrainConfig, model_card: bool = True) -> dict[str, Path]:
+    """The whole job; returns the files written (empty on an interrupted run).
+
+    model_card=False skips README.md and its samples.png (base vs adapter renders): the grid's
+    cells are scored by the evaluation instead, and the renders would cost GPU time per cell.
+    """
     from .card import write_model_card
 
     inputs = validate(cfg)  # before any model is loaded
@@ -148,7 +152,8 @@ def train(cfg: TrainConfig) -> dict[str, Path]:
                              f"checkpoint, {result.last_checkpoint}, is complete: free space, then resume from it") from None
         files["config"] = output_dir / "config.yaml"
         files["checkpoint"] = result.last_checkpoint
-        files.update(write_model_card(cfg, trainee, output_dir, dict(files), inputs.concepts))
+        if model_card:
+            files.update(write_model_card(cfg, trainee, output_dir, dict(files), inputs.concepts))
         print("files written:")
         for name, path in files.items():
             print(f"  {name:11s} {path}")
