@@ -35,7 +35,7 @@ test: venv browser
 	$(PY) -m pytest -q
 
 # The real-size tier: full-size SD1.5 (its bf16 and fp16 runs are also part of `make test` where the
-# CPU has native math for them; here every precision runs) and SDXL (~17 GB of RAM, ~15 min
+# CPU runs them fast: AMX / AVX-512 fp16, tests/test_realsize.py FAST_MATH; here every precision runs) and SDXL (~17 GB of RAM, ~15 min
 # on 2 cores) with random weights; prints each run's time and peak RSS at the end.
 test-realsize: venv
 	SINGLORA_REALSIZE_ALL=1 $(PY) -m pytest -q -m realsize tests/test_realsize.py
