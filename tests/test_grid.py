@@ -183,3 +183,21 @@ def test_two_processes_share_the_grid_and_a_kill_9_resumes_without_redoing_a_fin
     with pytest.raises(BadInput, match="run with other settings"):
         check_done_cells(load_plan(write_plan(tmp_path, changed)), out)
     assert fingerprint(plan, plan.cells[0]) == result[0]["fingerprint"]
+
+
+@pytest.mark.parametrize("change, message", [
+    # DreamBench's scorer without DINO / CLIP weights offline: said before the first training, not after it
+    (lambda p: p.update(base="tiny:sd15", subjects={"dog3": "bundled:dog3"}, instance_prompt="a photo of sks dog",
+                        evaluation={"num_images": 1}), "DINO"),
+    (lambda p: p.update(subjects={"ghost": {"dir": "no/such/folder", "class": "shape"}}), "no photo folder"),
+])
+def test_a_grid_that_cannot_finish_stops_with_one_line_before_any_cell(tmp_path, capsys, change, message):
+    from singlora_diffusion.cli import main
+
+    plan = json.loads(json.dumps(TWO_CELLS))
+    change(plan)
+    assert main(["grid", str(write_plan(tmp_path, plan)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    # one message (the evaluation's missing-weights one lists each model on its own line), no traceback
+    assert err.startswith("singlora grid: error:") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "cells").exists()

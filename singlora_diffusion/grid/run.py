@@ -66,6 +66,8 @@ def check_done_cells(plan: GridPlan, out: Path) -> None:
 def preflight(plan: GridPlan, out: Path) -> None:
     """Everything a cell would refuse, refused once before any model loads."""
     from ..evaluation import EvalConfig
+    from ..evaluation.plan import make_plan
+    from ..evaluation.scorer import resolve_weights
     from ..files import check_writable
     from ..pipelines import check_base_exists
     from ..training import TrainConfig, validate
@@ -77,13 +79,18 @@ def preflight(plan: GridPlan, out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="singlora-grid-") as tmp:
         for cell in plan.cells[: len(plan.methods)]:  # every method's settings, on the first subject
             validate(TrainConfig(**train_values(plan, cell, Path(tmp))))
-            EvalConfig(**eval_values(plan, cell, Path(tmp), Path(tmp)))
+        for subject in plan.subjects:  # its evaluation (photos, class, prompts), as the base's: no adapter yet
+            cell = next(c for c in plan.cells if c.subject == subject)
+            cfg = EvalConfig(**eval_values(plan, cell, Path(tmp), Path(tmp)) | {"adapter": None})
+            make_plan(cfg)
+        if cfg.scorer == "dreambench":  # missing DINO / CLIP weights: said now, not after the first training
+            resolve_weights(cfg.dino_weights, cfg.clip_weights, cfg.allow_random_weights)
     check_done_cells(plan, out)
 
 
 def run_grid(plan: GridPlan, out: Path, rank: int = 0, world: int = 1, log=print) -> int:
     """This process's share of the grid; returns the number of cells that failed here."""
-    from .cell import run_cell
+    from .cell import free_memory, run_cell
     from .table import write_table
 
     preflight(plan, out)
@@ -106,6 +113,7 @@ def run_grid(plan: GridPlan, out: Path, rank: int = 0, world: int = 1, log=print
                 failed += 1
                 (folder / "failed.txt").write_text(traceback.format_exc())
                 log(f"  {cell.key}: FAILED ({type(e).__name__}: {e}); details in {folder / 'failed.txt'}")
+                free_memory()  # a CUDA out-of-memory cell must not starve the next one
                 continue
             (folder / "failed.txt").unlink(missing_ok=True)
         scores = "diverged" if result.get("diverged") else ", ".join(
@@ -117,8 +125,9 @@ def run_grid(plan: GridPlan, out: Path, rank: int = 0, world: int = 1, log=print
         log(f"all {len(cells)} cells done; table: {files['md']}, {files['csv']}, {files['png']}")
     else:
         running = sum(held(out / "cells" / c.key) for c in remaining)
-        log(f"{len(remaining)} cells not done ({running} running in other processes); the process that finishes the "
-            f"last one writes the table; `singlora grid {plan.path} --out {out} --table` writes it from the finished ones")
+        log(f"{len(remaining)} cells not done ({running} running in other processes, {failed} failed here: see their "
+            f"failed.txt; run again to retry them); the process that finishes the last cell writes the table; "
+            f"`singlora grid {plan.path} --out {out} --table` writes it from the finished ones")
     return failed
 
 
@@ -139,4 +148,8 @@ def main(plan_path: str, out: str | None, dry_run: bool = False, table: bool = F
         print(f"table: {files['md']}")
         return 0
     rank, world = detach_from_launcher()
-    return 1 if run_grid(plan, out, rank, world) else 0
+    try:
+        return 1 if run_grid(plan, out, rank, world) else 0
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are kept; the same command resumes (the cell it was in starts again)")
+        return 130
