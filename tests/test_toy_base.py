@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,13 +73,17 @@ def test_toy_shapes_is_a_base_name(tmp_path, monkeypatch):
         check_base_exists("toy:circles")
 
 
-def test_the_bundled_subject_is_the_renderers(tmp_path):
+@pytest.mark.parametrize("name", ["toy_subject", *(f"toy_subjects/{n}" for n in world.GRID_SUBJECTS)])
+def test_the_bundled_subjects_are_the_renderers(tmp_path, name):
     from PIL import Image
 
     from singlora_diffusion.bundled import resolve_data_dir
 
-    shipped = resolve_data_dir("bundled:toy_subject")
-    for png in world.write_subject(tmp_path):
+    shipped = resolve_data_dir(f"bundled:{name}")
+    args = world.GRID_SUBJECTS[name.split("/")[1]] if "/" in name else ()
+    written = world.write_subject(tmp_path, *args)
+    assert sorted(p.name for p in written) == sorted(p.name for p in Path(shipped).glob("*.png"))
+    for png in written:
         with Image.open(png) as fresh, Image.open(f"{shipped}/{png.name}") as ours:
             assert fresh.tobytes() == ours.tobytes()
         assert (tmp_path / png.with_suffix(".txt").name).read_text() == \
