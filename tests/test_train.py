@@ -124,12 +124,18 @@ def test_kill_9_mid_run_then_resume_equals_straight_run(tiny_pipeline_dir, tmp_p
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "run"
+    # PYTHONFAULTHANDLER: if the run ever ignores the Ctrl-C (seen once in a loaded CI run, never
+    # alone), SIGABRT makes it print every thread's stack, and it cannot outlive the test
     proc = subprocess.Popen(_cli(tiny_pipeline_dir(), out, "--max_train_steps", "100000"),
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(out / "checkpoint-2" / "trainer_state.json", proc)
     proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail("the run did not stop within 120 s of Ctrl-C; its stacks:\n" + proc.communicate()[0][-6000:])
     assert proc.returncode == 130, output
     assert "--resume_from_checkpoint latest" in output
     step = json.loads((sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]

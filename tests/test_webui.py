@@ -59,6 +59,10 @@ def ui(tiny_pipeline_dir, tmp_path_factory):
     _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
     yield Client(url, verbose=False), app, adapters, root
     app.close()
+    job = app.app_state.job
+    if job is not None and job.proc.poll() is None:  # a failed test must not leave its trainer on the cores
+        job.proc.kill()
+        job.proc.wait()
 
 
 def test_generate_writes_png_with_settings(ui):
