@@ -124,8 +124,9 @@ def test_kill_9_mid_run_then_resume_equals_straight_run(tiny_pipeline_dir, tmp_p
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "run"
-    # PYTHONFAULTHANDLER: if the run ever ignores the Ctrl-C (seen once in a loaded CI run, never
-    # alone), SIGABRT makes it print every thread's stack, and it cannot outlive the test
+    # The run must stop even when this test runs with SIGINT ignored (a shell script's background job:
+    # the child inherits the ignore; training/run.main restores it). If it ever does not,
+    # PYTHONFAULTHANDLER + SIGABRT print its stacks, and it cannot outlive the test.
     proc = subprocess.Popen(_cli(tiny_pipeline_dir(), out, "--max_train_steps", "100000"),
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -165,7 +165,14 @@ def train(cfg: TrainConfig, model_card: bool = True) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     from ..dataclass_cli import run_command
     from .config import parse_config
 
+    # SIGINT is the trainer's "checkpoint and stop" (Ctrl-C, the web UI's cancel). A process started
+    # with SIGINT ignored (a shell script's background job, and everything it starts: a web UI
+    # launched with `&` included) inherits the ignore, and Python then installs no KeyboardInterrupt:
+    # cancel would do nothing while the run went on for hours.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return run_command("train_dreambooth.py", lambda: train(parse_config(argv)))
