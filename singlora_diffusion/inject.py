@@ -82,7 +82,7 @@ def get_step(model: nn.Module) -> int:
 
 def set_step(model: nn.Module, step: int) -> None:
     for m in singlora_modules(model).values():
-        m.singlora_step.fill_(step)
+        m.set_step(step)
 
 
 def advance_step(model: nn.Module, n: int = 1) -> None:

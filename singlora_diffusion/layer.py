@@ -64,7 +64,10 @@ def lowrank_factors(A: torch.Tensor, d_out: int, d_in: int, coef: torch.Tensor |
     # A slice covering all of A would still add a SliceBackward (and a zeroed
     # (n, r) gradient buffer) per layer and step; square layers skip it.
     rows = lambda d: A if d == A.shape[0] else A[:d]
-    return rows(d_out) * coef, rows(d_in).t()
+    # coef = 1 (alpha = r, u = 1, scale 1: the trainer's default once the ramp is over) needs no
+    # multiply, forward or backward; `up` is then a view of A.
+    up = rows(d_out) if isinstance(coef, (int, float)) and coef == 1 else rows(d_out) * coef
+    return up, rows(d_in).t()
 
 
 def delta_weight(A: torch.Tensor, d_out: int, d_in: int, coef: torch.Tensor | float) -> torch.Tensor:
@@ -115,6 +118,12 @@ class SingLoRALinear(nn.Module):
         self.singlora_A = nn.Parameter(A)
         self.register_buffer("singlora_step", torch.zeros((), dtype=torch.long,
                                                           device=base_layer.weight.device))
+        # The host's copy of "u(t) = 1 now": once the ramp is over, forward needs no ramp tensor
+        # work (five tiny ops per layer and call). Kept beside the buffer so that deciding it
+        # never reads a GPU tensor; None = not known (after set_step / load_state_dict), learnt
+        # at the next advance_step. Under torch.compile it flips once: one recompile, not one per step.
+        self._host_step: int | None = 0
+        self._ramp_done = self.ramp_up_steps <= 0
 
     # nn.Linear's attributes, for code that inspects attn.to_q.weight etc.
     @property
@@ -150,16 +159,33 @@ class SingLoRALinear(nn.Module):
         else:
             self._scale = value
 
-    def coef(self, scale: float | None = None) -> torch.Tensor:
-        """(α/r) · u(t) · scale as a float32 0-d tensor on A's device."""
+    def coef(self, scale: float | None = None) -> torch.Tensor | float:
+        """(α/r) · u(t) · scale: a float once the ramp is over, else a float32 0-d tensor on A's device."""
+        scale = self.scale if scale is None else scale
+        if self._ramp_done:
+            return self.alpha / self.rank * scale
         u = ramp(self.singlora_step, self.ramp_up_steps).to(self.singlora_A.device)
-        return u * (self.alpha / self.rank) * (self.scale if scale is None else scale)
+        return u * (self.alpha / self.rank) * scale
 
     def delta_weight(self, scale: float | None = None) -> torch.Tensor:
         return delta_weight(self.singlora_A, self.d_out, self.d_in, self.coef(scale))
 
     def advance_step(self, n: int = 1) -> None:
         self.singlora_step += n
+        if not self._ramp_done:
+            # One read of the buffer after a set_step / load, then counted on the host.
+            self._host_step = (int(self.singlora_step) if self._host_step is None else self._host_step + n)
+            self._ramp_done = self._host_step >= self.ramp_up_steps
+
+    def set_step(self, step: int) -> None:
+        self.singlora_step.fill_(step)
+        self._host_step = int(step)
+        self._ramp_done = self.ramp_up_steps <= 0 or self._host_step >= self.ramp_up_steps
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # The loaded step is only on the tensor: learn it from there (one read, here, not per call).
+        self.set_step(int(self.singlora_step))
 
     def forward(self, x: torch.Tensor, *args, scale: float | None = None, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -171,7 +197,8 @@ class SingLoRALinear(nn.Module):
         # The adapter path runs in float32 even inside autocast (which would
         # otherwise run these matmuls in bf16/fp16); its output is cast back. The meta device (memory
         # counted without memory, bench/dit_memory.py) has no autocast to turn off.
-        with torch.autocast(device_type=x.device.type, enabled=False) if x.device.type != "meta" else nullcontext():
+        off = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(device_type=x.device.type, enabled=False) if off else nullcontext():
             A = self.singlora_A.to(torch.float32)  # no copy: A is float32 (see __init__)
             up, down = lowrank_factors(A, self.d_out, self.d_in, self.coef(scale))
             # x·ΔWᵀ as two thin matmuls: O(tokens·n·r), never the full d_out×d_in ΔW.

@@ -233,3 +233,30 @@ def test_a_new_scale_on_a_merged_layer_re_merges(d_out, d_in):
         layer(x, scale=0.5)
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight.double(), W0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("d_out,d_in", SHAPES)
+def test_ramp_fast_path_follows_the_step_through_advance_set_and_load(d_out, d_in):
+    """Once u = 1 the layer stops computing u on tensors; every way the step moves must still
+    give the float64 reference, including moving it back below T (resume from an early checkpoint)."""
+    layer = _layer(d_out, d_in, T=3, step=0)
+    x = torch.randn(5, d_in, dtype=torch.float64)
+    W, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+
+    def check(u):
+        ref = x @ (W + reference_delta(layer.singlora_A, d_out, d_in, 8.0, 4, u)).T + b
+        torch.testing.assert_close(layer(x.float()).double(), ref, rtol=1e-5, atol=1e-5)
+
+    for step in range(1, 5):
+        layer.advance_step()
+        check(min(step / 3, 1.0))
+    assert isinstance(layer.coef(), float)  # the fast path is really taken past T
+    layer.set_step(1)
+    check(1 / 3)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.set_step(7)
+    check(1.0)
+    layer.load_state_dict(state)  # back to step 1, through the buffer only
+    check(1 / 3)
+    layer.advance_step(2)
+    check(1.0)
