@@ -1,17 +1,23 @@
-"""What does an adapter cost in training? SingLoRA vs PEFT LoRA and DoRA.
+"""What does an adapter cost in training? SingLoRA vs PEFT LoRA and DoRA, above the floor.
 
-    .venv/bin/python -m bench.adapter_overhead            # full run, ~2.5 min on 2 cores
+    .venv/bin/python -m bench.adapter_overhead            # full run, ~6 min on 2 cores
     .venv/bin/python -m bench.adapter_overhead --quick    # tiny model, keeps the script working
 
 An SD-architecture UNet (random init, ~18M parameters) at 256 px (32x32 latents),
-batch 2, fp32 on CPU, preset "attn" (to_q, to_k, to_v, to_out.0). Per rank and
-method: trainable parameters; the median time of a training step, the methods
-interleaved in rotating order so that drift of the machine (heat, other load)
-hits all alike; memory, each configuration in a fresh process, as the bytes
-autograd saves for backward (exact) and as the rise of peak RSS over the RSS
-after setup (everything, allocator included). What each column measures is
-printed under the table. Goals for SingLoRA vs LoRA: time <= 1.00x,
-memory <= 1.00x, parameters 0.50x.
+batch 2, fp32 on CPU, presets "attn" (to_q, to_k, to_v, to_out.0) and "paper"
+(to_q, to_k). Per preset, rank and method: trainable parameters; the median time
+of a training step, the methods interleaved in rotating order so that drift of
+the machine (heat, other load) hits all alike; memory, each configuration in a
+fresh process, as the bytes autograd saves for backward (exact) and as the rise
+of peak RSS over the RSS after setup (everything, allocator included).
+
+The floor is the same frozen UNet with no adapter, run forward + backward with
+the gradient of every target layer's output (input gradients only, no weight
+gradient, no optimizer): the work any adapter on those layers makes the step do.
+A method's overhead is its step minus the floor's, paired per repetition.
+What each column measures is printed under the table. Goals for SingLoRA vs
+LoRA: overhead above the floor <= 0.50x, time <= 1.00x, memory <= 1.00x,
+parameters 0.50x.
 """
 from __future__ import annotations
 
@@ -30,8 +36,10 @@ from torch.nn import functional as F
 # LoRA first: it is the reference of every ratio. No LoRA+ row: its layers are LoRA's, and its
 # optimizer (B's group at another lr) costs what LoRA's does; bench/trainer_throughput.py times it.
 METHODS = ("lora", "singlora", "dora")
+FLOOR = "floor"  # no adapter: see Trainer
+PRESETS = ("attn", "paper")
 PRELOAD = ["torch", "diffusers", "peft", "singlora_diffusion"]  # imported once by the fork server
-GOALS = {"time": 1.00, "saved": 1.00, "rss": 1.00, "params": 0.50}
+GOALS = {"overhead": 0.50, "time": 1.00, "saved": 1.00, "rss": 1.00, "params": 0.50}
 
 # name -> (UNet size, latent side, batch, tokens); "full" is ~18.2M parameters.
 SETTINGS = {
@@ -64,31 +72,45 @@ def make_batch(s: dict) -> dict:
                 target=torch.randn(b, 4, side, side, generator=g))
 
 
-class Trainer:
-    """One UNet with one adapter and its optimizer, set up as a trainer would."""
+def _needs_grad(module, inputs, output):
+    # A frozen layer fed by frozen layers gives a tensor without grad; marking it makes backward
+    # reach it, as an adapter's parameters would. Downstream of one, outputs need grad already.
+    return output if output.requires_grad else output.requires_grad_()
 
-    def __init__(self, method: str, rank: int, s: dict):
+
+class Trainer:
+    """One UNet with one adapter and its optimizer, set up as a trainer would; or the floor."""
+
+    def __init__(self, method: str, rank: int, s: dict, preset: str = "attn"):
         from singlora_diffusion import AdapterConfig
         from singlora_diffusion.inject import attach_ramp
         from singlora_diffusion.pipelines import inject_adapters
+        from singlora_diffusion.targets import find_targets
 
         self.unet = build_unet(s).train()
+        self.batch = make_batch(s)
+        if method == FLOOR:
+            self.unet.requires_grad_(False)
+            for name in find_targets(self.unet, preset, "unet"):
+                self.unet.get_submodule(name).register_forward_hook(_needs_grad)
+            self.params, self.opt = 0, None
+            return
         # ramp_up_steps=0: u(t) = 1, the adapter is fully active from the first step.
-        inject_adapters({"unet": self.unet}, AdapterConfig(adapter=method, rank=rank, target_modules="attn"),
+        inject_adapters({"unet": self.unet}, AdapterConfig(adapter=method, rank=rank, target_modules=preset),
                         ramp_up_steps=0)
         trainable = [p for p in self.unet.parameters() if p.requires_grad]
         self.params = sum(p.numel() for p in trainable)
         self.opt = torch.optim.AdamW(trainable, lr=1e-4)
         if method == "singlora":
             attach_ramp(self.opt, self.unet)  # part of SingLoRA's real training step (see training/loop.py)
-        self.batch = make_batch(s)
 
     def step(self) -> None:
         b = self.batch
         pred = self.unet(b["sample"], b["timestep"], encoder_hidden_states=b["encoder_hidden_states"]).sample
         F.mse_loss(pred, b["target"]).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
 
 
 def saved_for_backward(trainer: Trainer) -> int:
@@ -117,10 +139,10 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_memory(method: str, rank: int, s: dict) -> dict:
+def measure_memory(method: str, rank: int, s: dict, preset: str) -> dict:
     """Runs in a fresh process so no other configuration's allocations blur the peak."""
     torch.set_num_threads(cores())
-    trainer = Trainer(method, rank, s)
+    trainer = Trainer(method, rank, s, preset)
     rss_setup = rss_bytes()
     peak_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     saved = saved_for_backward(trainer)  # the first step also allocates grads and AdamW state
@@ -145,14 +167,23 @@ def time_steps(trainers: dict[str, Trainer], repeats: int, warmup: int) -> dict[
     return times
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    return tuple(statistics.quantiles(values, n=4)) if len(values) > 1 else (values[0],) * 3
+
+
 def paired_ratio(times: list[float], ref: list[float]) -> dict:
     """Median and interquartile range of the per-repetition ratios: how big the noise is."""
-    ratios = [t / r for t, r in zip(times, ref)]
-    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    q1, q2, q3 = quartiles([t / r for t, r in zip(times, ref)])
     return dict(time_ratio=q2, time_ratio_iqr=(q1, q3))
 
 
-def run(ranks: list[int], repeats: int, warmup: int, s: dict) -> list[dict]:
+def overhead(times: list[float], floor: list[float]) -> dict:
+    """The step above the floor: median and interquartile range of the per-repetition differences."""
+    q1, q2, q3 = quartiles([t - f for t, f in zip(times, floor)])
+    return dict(overhead=q2, overhead_iqr=(q1, q3))
+
+
+def run(ranks: list[int], repeats: int, warmup: int, s: dict, presets=PRESETS) -> list[dict]:
     # A fork server that has imported the libraries but run nothing: each memory
     # child starts clean and fast. Plain fork would copy this process's heap and
     # its OpenMP threads.
@@ -160,22 +191,27 @@ def run(ranks: list[int], repeats: int, warmup: int, s: dict) -> list[dict]:
     ctx.set_forkserver_preload(PRELOAD)
     rows = []
     with ctx.Pool(1, maxtasksperchild=1) as pool:  # one process per configuration
-        for rank in ranks:
-            # Memory first and one at a time: a child running beside the timing would skew it.
-            memory = {m: pool.apply(measure_memory, (m, rank, s)) for m in METHODS}
-            trainers = {m: Trainer(m, rank, s) for m in METHODS}
-            times = time_steps(trainers, repeats, warmup)
-            for m in METHODS:
-                rows.append(dict(rank=rank, method=m, params=trainers[m].params, **memory[m], times=times[m],
-                                 time=statistics.median(times[m]), **paired_ratio(times[m], times["lora"])))
-            del trainers
+        for preset in presets:
+            for rank in ranks:
+                methods = (FLOOR, *METHODS)  # the floor is timed in every round: the overheads pair with it
+                # Memory first and one at a time: a child running beside the timing would skew it.
+                memory = {m: pool.apply(measure_memory, (m, rank, s, preset)) for m in methods}
+                trainers = {m: Trainer(m, rank, s, preset) for m in methods}
+                times = time_steps(trainers, repeats, warmup)
+                for m in methods:
+                    rows.append(dict(preset=preset, rank=rank, method=m, params=trainers[m].params, **memory[m],
+                                     times=times[m], time=statistics.median(times[m]),
+                                     **paired_ratio(times[m], times["lora"]), **overhead(times[m], times[FLOOR])))
+                del trainers
     return rows
 
 
 def ratios(row: dict, rows: list[dict]) -> dict[str, float | None]:
-    """row / LoRA of the same rank for each quantity with a goal (time: the paired median)."""
-    ref = next(r for r in rows if r["rank"] == row["rank"] and r["method"] == "lora")
-    out = {k: None if row[k] is None or not ref[k] else row[k] / ref[k] for k in ("params", "saved", "rss")}
+    """row / LoRA of the same preset and rank for each quantity with a goal (time: the paired median;
+    overhead: the ratio of the two median overheads above the floor)."""
+    ref = next(r for r in rows if (r["preset"], r["rank"], r["method"]) == (row["preset"], row["rank"], "lora"))
+    out = {k: None if row[k] is None or not ref[k] else row[k] / ref[k]
+           for k in ("params", "saved", "rss", "overhead")}
     return dict(out, time=row["time_ratio"])
 
 
@@ -184,14 +220,17 @@ def fmt(value: float | None, spec: str = ".2f", unit: str = "x") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| rank | method | trainable params | x LoRA | median step (s) | x LoRA "
-             "| saved for backward (MB) | x LoRA | peak RSS increase (MB) | x LoRA |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| preset | rank | method | trainable params | x LoRA | median step (s) | x LoRA "
+             "| above floor (ms) | x LoRA | saved for backward (MB) | x LoRA | peak RSS increase (MB) | x LoRA |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         x, (lo, hi) = ratios(row, rows), row["time_ratio_iqr"]
         mb = {k: None if row[k] is None else row[k] / 2**20 for k in ("saved", "rss")}
-        lines.append(f"| {row['rank']} | {row['method']} | {row['params']:,} | {fmt(x['params'])} "
-                     f"| {row['time']:.3f} | {fmt(x['time'])} [{lo:.2f}, {hi:.2f}] | {fmt(mb['saved'], '.1f', '')} "
+        olo, ohi = (1000 * v for v in row["overhead_iqr"])
+        above = "-" if row["method"] == FLOOR else f"{1000 * row['overhead']:.1f} [{olo:.1f}, {ohi:.1f}]"
+        lines.append(f"| {row['preset']} | {row['rank']} | {row['method']} | {row['params']:,} | {fmt(x['params'])} "
+                     f"| {row['time']:.3f} | {fmt(x['time'])} [{lo:.2f}, {hi:.2f}] | {above} "
+                     f"| {'-' if row['method'] == FLOOR else fmt(x['overhead'])} | {fmt(mb['saved'], '.1f', '')} "
                      f"| {fmt(x['saved'])} | {fmt(mb['rss'], '.1f', '')} | {fmt(x['rss'])} |")
     return "\n".join(lines)
 
@@ -204,7 +243,7 @@ def verdicts(rows: list[dict]) -> list[str]:
             # Judged as printed, to 2 decimals; a missing measurement never passes.
             parts = [f"{key} {fmt(x[key])} ({'meets' if x[key] is not None and round(x[key], 2) <= goal else 'MISSES'}"
                      f" <= {goal:.2f}x)" for key, goal in GOALS.items()]
-            out.append(f"rank {row['rank']}: SingLoRA " + ", ".join(parts))
+            out.append(f"{row['preset']} rank {row['rank']}: SingLoRA " + ", ".join(parts))
     return out
 
 
@@ -212,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per method (default 40; quick: 3)")
     ap.add_argument("--ranks", type=int, nargs="+", default=None, help="default 8 16; quick: 4")
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS, help="default: attn paper")
     ap.add_argument("--quick", action="store_true", help="tiny UNet, ~15 s with imports: keeps the script working")
     ap.add_argument("--json", metavar="PATH", help="also write settings and results here")
     args = ap.parse_args(argv)
@@ -226,18 +266,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"UNet2DConditionModel, {base / 1e6:.2f}M parameters, random init; latents {s['latent']}x{s['latent']} "
           f"(= {8 * s['latent']} px), batch {s['batch']}, {s['tokens']} text tokens, fp32, CPU, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"targets: preset attn (to_q, to_k, to_v, to_out.0); ranks {ranks}; alpha = rank; "
+    print(f"targets: presets {', '.join(args.presets)} (attn: to_q, to_k, to_v, to_out.0; paper: to_q, to_k); "
+          f"ranks {ranks}; alpha = rank; "
           f"{warmup} warm-up + {repeats} timed steps per method, interleaved in rotating order\n")
     start = time.perf_counter()
-    rows = run(ranks, repeats, warmup, s)
+    rows = run(ranks, repeats, warmup, s, args.presets)
     print(table(rows))
     print("\nstep = forward + MSE loss + backward + AdamW step; time x LoRA = median of the paired per-repetition\n"
           "  ratios method/LoRA, [interquartile range].\n"
+          "floor = the frozen UNet without adapter, forward + backward with the gradient of every target layer's\n"
+          "  output (input gradients only). above floor = median [IQR] of the per-repetition step - floor;\n"
+          "  x LoRA = the method's median overhead / LoRA's.\n"
           "saved for backward = bytes of the distinct storages autograd keeps for backward in one step,\n"
           "  parameters excluded (the activation memory).\n"
           "peak RSS increase = peak RSS over 3 training steps minus RSS after model+optimizer setup, each\n"
           "  configuration in a fresh process (grads, AdamW state, activations and allocator slack).")
-    print("\nGoals for SingLoRA vs LoRA: time <= 1.00x, memory <= 1.00x, parameters 0.50x\n"
+    print("\nGoals for SingLoRA vs LoRA: overhead above the floor <= 0.50x, time <= 1.00x, memory <= 1.00x,\n"
+          "  parameters 0.50x\n"
           "  (0.50x is exact for square layers only: SingLoRA stores max(d_in, d_out)*r, LoRA (d_in + d_out)*r).")
     print("\n".join(verdicts(rows)))
     print(f"\n({time.perf_counter() - start:.0f} s)")
