@@ -121,7 +121,7 @@ class SingLoRALinear(nn.Module):
         # The host's copy of "u(t) = 1 now": once the ramp is over, forward needs no ramp tensor
         # work (five tiny ops per layer and call). Kept beside the buffer so that deciding it
         # never reads a GPU tensor; None = not known (after set_step / load_state_dict), learnt
-        # at the next advance_step. Under torch.compile it flips once: one recompile, not one per step.
+        # at the next advance_step. torch.compile never reads it (see coef).
         self._host_step: int | None = 0
         self._ramp_done = self.ramp_up_steps <= 0
 
@@ -162,7 +162,9 @@ class SingLoRALinear(nn.Module):
     def coef(self, scale: float | None = None) -> torch.Tensor | float:
         """(α/r) · u(t) · scale: a float once the ramp is over, else a float32 0-d tensor on A's device."""
         scale = self.scale if scale is None else scale
-        if self._ramp_done:
+        # Compiled, the tensor path costs nothing (its ops fuse into one kernel), and not reading
+        # _ramp_done there spares the compiled blocks a guard and a recompile when the ramp ends.
+        if not torch.compiler.is_compiling() and self._ramp_done:
             return self.alpha / self.rank * scale
         u = ramp(self.singlora_step, self.ramp_up_steps).to(self.singlora_A.device)
         return u * (self.alpha / self.rank) * scale

@@ -273,6 +273,33 @@ def inference_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
+def compile_denoiser(model: nn.Module) -> str:
+    """torch.compile a UNet / transformer in place, with whatever adapters it holds; says how.
+
+    diffusers' regional compilation (ModelMixin.compile_repeated_blocks) compiles one block class
+    the model names in `_repeated_blocks` (SD UNets: BasicTransformerBlock; Flux: its two block
+    kinds) once and reuses the code for every instance: compile time is that of a block, not of
+    the model. A model naming none (SD3's transformer, in diffusers 0.42) is compiled whole.
+    In place (nn.Module.compile), so state-dict keys, checkpoints and adapter swaps see the same
+    module tree; swapping an adapter recompiles at the next call.
+
+    One code object serves every block, so each distinct variant of its inputs is a compiled
+    graph of its own: block widths and token counts (until dynamo makes them dynamic), the first
+    adapted block's input without grad, training vs. no_grad sampling, each strength. Past
+    dynamo's default limit of 8 per code object it would run the block eagerly without a word,
+    so the limit is raised (tests/test_compile.py checks that no call falls back).
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    blocks = getattr(model, "_repeated_blocks", None)
+    if blocks and hasattr(model, "compile_repeated_blocks"):
+        model.compile_repeated_blocks()
+        return f"regional ({', '.join(blocks)})"
+    model.compile()
+    return "whole model"
+
+
 def load_pipeline(base: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None,
                   vae_fp32_if_upcast: bool = False, quantize: str | None = None):
     """A diffusers text-to-image pipeline from a hub id, a local folder, a single-file checkpoint

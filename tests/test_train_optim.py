@@ -238,7 +238,8 @@ def test_a_missing_optimizer_package_is_one_line(package, flags, message, tiny_p
     (["--optimizer", "prodigy", "--train_text_encoder", "--text_encoder_lr", "0.5"],
      "--text_encoder_lr 0.5 and --optimizer prodigy contradict"),
     (["--text_encoder_lr", "1e-5"], "--text_encoder_lr 1e-05 is set but the text encoders do not train"),
-    (["--use_8bit_adam", "--optimizer", "prodigy"], "--use_8bit_adam and --optimizer prodigy contradict")])
+    (["--use_8bit_adam", "--optimizer", "prodigy"], "--use_8bit_adam and --optimizer prodigy contradict"),
+    (["--optimizer", "prodigy", "--fused_adamw"], "--fused_adamw is torch's AdamW and --optimizer prodigy")])
 def test_contradicting_optimizer_flags_are_one_line(flags, message, tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
     _no_models(monkeypatch)
     assert main(_argv(tiny_pipeline_dir(), tmp_path, *flags)) == 2
@@ -257,3 +258,29 @@ def test_prodigy_takes_text_encoder_lr_equal_to_learning_rate(tiny_pipeline_dir,
         m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prodigyopt" else real(name, *a))
         with pytest.raises(MissingDependency):
             validate(cfg)
+
+
+def test_fused_adamw_and_channels_last_train_what_the_defaults_train(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """The speed options change how the step runs, not what it computes: the same adapter (to float
+    rounding), with torch's fused AdamW really in use and the UNet's convolutions really NHWC."""
+    made = []
+    real_opt = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer", lambda *a: made.append(real_opt(*a)) or made[-1])
+    weights = {}
+    for fast in (False, True):
+        out = tmp_path / f"fast_{fast}"
+        cfg = tiny_config(tiny_pipeline_dir(), out, fused_adamw=fast, channels_last=fast, validation_prompt=None)
+        train(cfg, model_card=False)
+        weights[fast] = load_file(str(out / "singlora_weights.safetensors"))
+    assert made[0].defaults["foreach"] and not made[0].defaults["fused"]
+    assert made[1].defaults["fused"]
+    for k in weights[False]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-4, atol=1e-6)
+
+
+def test_channels_last_puts_the_unet_convolutions_in_nhwc(tiny_pipeline_dir, tmp_path):
+    cfg = tiny_config(tiny_pipeline_dir(), tmp_path / "out", channels_last=True)
+    trainee = build(cfg, validate(cfg), torch.device("cpu"))
+    convs = [m.weight for m in trainee.denoiser.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not any(w.is_contiguous() for w in convs if w.shape[-1] > 1)  # (1x1 kernels are both layouts)

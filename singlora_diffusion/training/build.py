@@ -14,7 +14,7 @@ from ..errors import BadInput
 from ..files import check_writable
 from ..images import ImageFolderError, scan_images
 from ..inject import singlora_parameters
-from ..pipelines import DTYPES, check_quantization, peek_family, side_multiple, check_base_exists, inject_adapters, load_pipeline, pipeline_components, resolve_base
+from ..pipelines import DTYPES, check_quantization, compile_denoiser, peek_family, side_multiple, check_base_exists, inject_adapters, load_pipeline, pipeline_components, resolve_base
 from ..targets import check_denoiser_spec
 from .batches import PromptEncoder, release_text_encoders, run_prompts
 from .config import TrainConfig
@@ -86,6 +86,7 @@ class Trainee:
     ramp_up_steps: int
     adapter: str = "singlora"
     prompts: object = None                 # batches.PromptEncoder: every prompt's conditioning (build sets it)
+    compiled: str | None = None            # how --compile compiled the denoiser (pipelines.compile_denoiser)
 
     @property
     def denoiser_name(self) -> str:
@@ -149,7 +150,15 @@ def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
     if cfg.gradient_checkpointing:
         for c, model in trained.items():  # diffusers and transformers name the switch differently
             (model.enable_gradient_checkpointing if c in DENOISERS else model.gradient_checkpointing_enable)()
-    trainee = Trainee(pipe, components, trained, weight_dtype, ramp_up_steps, cfg.adapter)
+    denoiser = next(components[c] for c in DENOISERS if c in components)
+    if cfg.channels_last:
+        denoiser.to(memory_format=torch.channels_last)  # only 4-D tensors change: the UNet's convolutions
+    if cfg.compile:
+        # After the adapters and checkpointing, before accelerate.prepare: the blocks compile with
+        # the adapter layers inside, and DDP wraps the compiled model as it is.
+        compiled = compile_denoiser(denoiser)
+    trainee = Trainee(pipe, components, trained, weight_dtype, ramp_up_steps, cfg.adapter,
+                      compiled=compiled if cfg.compile else None)
     trainee.prompts = PromptEncoder(pipe, cfg.cache_text_embeddings and not trainee.trains_text_encoders,
                                     cfg.max_sequence_length)
     return trainee

@@ -110,6 +110,14 @@ class TrainConfig(AdapterConfig):
     mixed_precision: str = _f("no", "no | fp16 | bf16: the frozen base in this dtype; adapters stay fp32",
                               choices=PRECISIONS)
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet / transformer (and text encoder)")
+    compile: bool = _f(False, "torch.compile the UNet / transformer with its adapters inside (diffusers' regional "
+                              "compilation of its repeated blocks where it names them): the first step compiles "
+                              "(seconds on a GPU, a minute or more on a CPU), the rest run faster; checkpoints, "
+                              "resume and the ramp are unchanged")
+    channels_last: bool = _f(False, "keep the UNet's convolution weights and activations channels-last (NHWC); "
+                                    "no effect on the transformers")
+    fused_adamw: bool = _f(False, "torch's fused AdamW kernel (CUDA and CPU) instead of its multi-tensor "
+                                  "(foreach) one; --optimizer adamw only")
     quantize_base: str = _f("none", "none | nf4 | int8: load the frozen UNet / transformer (and T5) quantized by "
                                     "bitsandbytes (CUDA GPUs only; QLoRA-style: the adapters stay float32)",
                             choices=QUANTIZE_CHOICES)
@@ -165,6 +173,9 @@ class TrainConfig(AdapterConfig):
             self.optimizer = "adamw8bit"
         if self.learning_rate is None:
             self.learning_rate = PRODIGY_LR if self.optimizer == "prodigy" else 1e-4
+        if self.fused_adamw and self.optimizer != "adamw":
+            raise BadInput(f"--fused_adamw is torch's AdamW and --optimizer {self.optimizer} is another optimizer: "
+                           f"drop one")
         if not 0.0 <= self.caption_dropout_rate <= 1.0:
             raise BadInput(f"caption_dropout_rate must be in [0, 1], got {self.caption_dropout_rate}")
         if not 0.0 < self.ema_decay < 1.0:

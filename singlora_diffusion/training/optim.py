@@ -113,8 +113,10 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimize
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    # foreach: one fused update over the many small adapter tensors (also on CPU)
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    # foreach: one multi-tensor update over the many small adapter tensors (torch picks it on CUDA
+    # only; it pays on the CPU too: docs/benchmarks.md). fused: one kernel per dtype and device.
+    impl = dict(fused=True) if cfg.fused_adamw else dict(foreach=True)
+    return torch.optim.AdamW(groups, **impl, **kwargs)
 
 
 class AdapterEMA:

@@ -80,6 +80,8 @@ def summary(cfg: TrainConfig, trainee: Trainee, inputs: Inputs, accelerator, fre
         f"{cfg.gradient_accumulation_steps} x {accelerator.num_processes} process(es)",
         f" optimizer   {optimizer_line(cfg).removeprefix('optimizer ')}; lr {cfg.learning_rate:g}",
         f" precision   base {cfg.mixed_precision}, adapter float32; seed {cfg.seed}",
+        *([f" compiled    torch.compile, {trainee.compiled}: the first step compiles"] if trainee.compiled else []),
+        *([" memory      channels-last"] if cfg.channels_last else []),
         " prompts     " + (f"encoded once, then {', '.join(freed)} freed" if freed else
                             "encoded every step (a text encoder trains, or --cache_text_embeddings false)"),
         f" output      {cfg.output_dir}",

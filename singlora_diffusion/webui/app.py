@@ -15,7 +15,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build_app(base: str = TOY_BASE, adapters_dir: str | Path = "outputs", work_dir: str | Path | None = None,
-              max_request_seconds: float | None = None):
+              max_request_seconds: float | None = None, compile: bool = False):
     """The Gradio app; app.engine is the loaded model, app.app_state what every handler shares (handlers.AppState).
 
     The forms start at values that suit `base` (defaults.py: the toy base's shapes, or a real base's dog).
@@ -25,7 +25,7 @@ def build_app(base: str = TOY_BASE, adapters_dir: str | Path = "outputs", work_d
     from .callbacks import Callbacks
     from .handlers import open_state
 
-    state = open_state(base, adapters_dir, work_dir, max_request_seconds)
+    state = open_state(base, adapters_dir, work_dir, max_request_seconds, compile)
     cb = Callbacks(state)
     # Everything that uses or changes the loaded model waits in one line ("engine"): a
     # switch or an upload never lands in the middle of a generation.
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="public gradio.live link (opt-in)")
     p.add_argument("--max_request_seconds", type=float, default=None,
                    help="refuse a generation estimated to run longer (default 600, at this machine's measured speed)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet / transformer (regional where "
+                   "diffusers allows): the first render after start and after each adapter change compiles")
     return p
 
 
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     warning = exposure_warning(args.host, args.share)
     if warning:
         print(warning, file=sys.stderr)
-    app = build_app(args.base, args.adapters_dir, max_request_seconds=args.max_request_seconds)
+    app = build_app(args.base, args.adapters_dir, max_request_seconds=args.max_request_seconds, compile=args.compile)
     from .engine import MAX_UPLOAD_BYTES
 
     app.launch(server_name=args.host, server_port=args.port, share=args.share,

@@ -22,7 +22,7 @@ from ..adapters import adapters_off, apply_adapter, check_adapter_file, remove_a
 from ..errors import UserError
 from ..files import atomic_path, sha256
 from ..generate import render
-from ..pipelines import inference_dtype, load_pipeline, side_multiple
+from ..pipelines import compile_denoiser, inference_dtype, load_pipeline, side_multiple
 from . import budget
 from .requests import BadRequest, GenerateRequest
 
@@ -37,7 +37,7 @@ class Cancelled(BadRequest):
 
 class Engine:
     def __init__(self, base: str, out_dir: str | Path, device: str | None = None,
-                 max_seconds: float = MAX_REQUEST_SECONDS, keep_images: int = KEEP_IMAGES):
+                 max_seconds: float = MAX_REQUEST_SECONDS, keep_images: int = KEEP_IMAGES, compile: bool = False):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,6 +45,7 @@ class Engine:
         self.cancel_requested = threading.Event()
         self.progress: tuple[int, int] = (0, 0)  # steps done / total of the running render
         self.max_seconds, self.keep_images = max_seconds, keep_images
+        self.compile = compile  # every base loaded gets its denoiser compiled (pipelines.compile_denoiser)
         self.threads: int | None = None  # CPU threads for renders; None: all (the UI lowers it during training)
         self.all_threads = torch.get_num_threads()
         dtype = inference_dtype(self.device)
@@ -64,6 +65,8 @@ class Engine:
                 return
             pipe = load_pipeline(base, dtype=inference_dtype(self.device), device=self.device)
             pipe.vae.enable_slicing()  # decode one image at a time: the budget counts one decode's memory
+            if self.compile:
+                compile_denoiser(getattr(pipe, "unet", None) or pipe.transformer)
             self.base, self.pipe, self.cost_model = base, pipe, budget.CostModel(pipe)
             self.adapter = self._adapter_id = self.kind = self.note = None
 

@@ -36,12 +36,13 @@ class AppState:
 
 
 def open_state(base: str, adapters_dir: str | Path, work_dir: str | Path | None = None,
-               max_request_seconds: float | None = None) -> AppState:
+               max_request_seconds: float | None = None, compile: bool = False) -> AppState:
     """The base loaded, the adapters folder made; generated images go to work_dir/images."""
     adapters_dir = Path(adapters_dir).resolve()
     adapters_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(work_dir or adapters_dir / "webui").resolve()
-    engine = Engine(base, work_dir / "images", max_seconds=max_request_seconds or MAX_REQUEST_SECONDS)
+    engine = Engine(base, work_dir / "images", max_seconds=max_request_seconds or MAX_REQUEST_SECONDS,
+                    compile=compile)
     return AppState(engine, adapters_dir, *thread_share(os.cpu_count() or 1))
 
 
