@@ -5,7 +5,8 @@
 
 On random:sd15 at 512 px in fp16 and random:sdxl at 1024 px in bf16 with gradient checkpointing
 (the real component configs, random weights, built on the machine):
-- training steps/s and peak torch.cuda.max_memory_allocated of our trainer with SingLoRA and with
+- training steps/s and peak torch.cuda.max_memory_allocated of our trainer with SingLoRA (also with
+  --compile: its first step's time is the compile time) and with
   PEFT LoRA (rank 8, the attn preset), and of diffusers' train_dreambooth_lora.py /
   train_dreambooth_lora_sdxl.py at equal settings (DIR: copies of them; not in the wheel);
 - inference latency of the trained SingLoRA adapter unmerged vs merged (merge_singlora);
@@ -41,6 +42,9 @@ SETTINGS = {"full": dict(prefix="random", resolution=None, warmup=3, steps=10, i
 DITS = {"full": [("sd35-medium", "sd3", 1024, 77 + 77), ("flux-dev", "flux", 512, 512)],
         "dry": [("tiny:sd3", "sd3", 32, 16), ("tiny:flux", "flux", 32, 16)]}
 TRAINERS = [("ours singlora", "ours", ["--adapter", "singlora"]), ("ours lora", "ours", ["--adapter", "lora"]),
+            # --compile: its first step is the compile time; GPU only (inductor's CPU build of a dry run
+            # takes minutes; bench/trainer_throughput.py measures --compile on the CPU)
+            ("ours singlora compile", "ours", ["--adapter", "singlora", "--compile", "true"]),
             ("diffusers", "diffusers", [])]
 
 
@@ -116,7 +120,8 @@ def training_row(r: dict, warmup: int) -> dict:
         return r
     intervals = [b - a for a, b in zip(r["stamps"][warmup - 1:], r["stamps"][warmup:])]
     memory = r["cuda_peak"] if r["cuda_peak"] is not None else r["peak_rss"]
-    return dict(steps_per_s=1 / statistics.median(intervals), memory_gb=memory,
+    first = None if r.get("fit_start") is None else r["stamps"][0] - r["fit_start"]
+    return dict(steps_per_s=1 / statistics.median(intervals), memory_gb=memory, first_step_s=first,
                 memory_kind="cuda max_memory_allocated" if r["cuda_peak"] is not None else "peak RSS")
 
 
@@ -136,16 +141,17 @@ def evaluation(dry: bool, tmp: str) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"GPU check: {report['device']}; torch {report['torch']}, diffusers {report['diffusers']}; "
              f"{report['seconds']:.0f} s in all.", "",
-             "| base | trainer | steps/s | x ours lora | peak memory (GB) | memory measure |",
-             "|---|---|---:|---:|---:|---|"]
+             "| base | trainer | steps/s | x ours lora | first step (s) | peak memory (GB) | memory measure |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for arch, rows in report["training"].items():
         lora = rows.get("ours lora", {}).get("steps_per_s")
         for name, r in rows.items():
             if "steps_per_s" not in r:
-                lines.append(f"| {report['bases'][arch]} | {name} | n/a | n/a | n/a | {r.get('skipped') or r.get('error')} |")
+                lines.append(f"| {report['bases'][arch]} | {name} | n/a | n/a | n/a | n/a | {r.get('skipped') or r.get('error')} |")
                 continue
             ratio = f"{r['steps_per_s'] / lora:.2f}x" if lora else "n/a"
-            lines.append(f"| {report['bases'][arch]} | {name} | {r['steps_per_s']:.2f} | {ratio} | "
+            first = "n/a" if r.get("first_step_s") is None else f"{r['first_step_s']:.1f}"
+            lines.append(f"| {report['bases'][arch]} | {name} | {r['steps_per_s']:.2f} | {ratio} | {first} | "
                          f"{r['memory_gb']:.2f} | {r['memory_kind']} |")
     lines += ["", "| base | SingLoRA unmerged (s/image) | merged (s/image) | unmerged / merged |", "|---|---:|---:|---:|"]
     for arch, r in report["inference"].items():
@@ -204,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
             for name, trainer, extra in TRAINERS:
                 if trainer == "diffusers" and (scripts is None or not (scripts / SCRIPTS[arch]).is_file()):
                     rows[name] = dict(skipped=f"no {SCRIPTS[arch]} (pass --diffusers_scripts DIR)")
+                    continue
+                if "--compile" in extra and args.dry_run:
+                    rows[name] = dict(skipped="GPU only (inductor's CPU build; bench.trainer_throughput times it)")
                     continue
                 out = f"{tmp}/{arch}-{name.replace(' ', '-')}"
                 spec = dict(kind="train", trainer=trainer, script=str(scripts / SCRIPTS[arch]) if scripts else None,

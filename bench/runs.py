@@ -67,7 +67,7 @@ def train_here(trainer: str, argv: list[str], script: str | None = None) -> dict
     """Train with `argv` ("ours": our phases validate -> build -> fit; "diffusers": `script`).
 
     Returns stamps (the time after every optimizer step, from one global post-hook: one clock
-    for both trainers), the peak RSS after loading (ours only), after each step and overall
+    for both trainers), fit_start (ours: the time fit began), the peak RSS after loading (ours only), after each step and overall
     (which includes what a script does after training: diffusers' reloads a whole pipeline),
     and the CUDA peak.
     """
@@ -92,8 +92,10 @@ def train_here(trainer: str, argv: list[str], script: str | None = None) -> dict
         trainee = build(cfg, inputs, accelerator.device)
         encode_prompts_once(cfg, trainee, inputs)  # as train(): prompts cached, text encoders freed
         loaded = rss_gb()
+        fit_start = time.perf_counter()  # the first step's time then includes what --compile compiles
         fit(cfg, trainee, inputs, accelerator, log=lambda *_: None)
     else:
+        fit_start = None  # inside the script, after its own loading: not visible from here
         run_diffusers_script(script, argv)
     cuda = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
-    return dict(stamps=stamps, loaded_rss=loaded, rss_at_steps=at_step, peak_rss=rss_gb(), cuda_peak=cuda)
+    return dict(stamps=stamps, fit_start=fit_start, loaded_rss=loaded, rss_at_steps=at_step, peak_rss=rss_gb(), cuda_peak=cuda)

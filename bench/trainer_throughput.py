@@ -47,6 +47,13 @@ CONFIGS = {
     "singlora+buckets+captions": ("ours", ["--adapter", "singlora", *NO_CACHE, "BUCKETS_AND_CAPTIONS"], "-"),
     "singlora+buckets+captions+cache": ("ours", ["--adapter", "singlora", "BUCKETS_AND_CAPTIONS"],
                                         "latents, prompts"),
+    # the speed options (issue 18), on our defaults and at diffusers' work per step
+    "singlora+compile": ("ours", ["--adapter", "singlora", *NO_CACHE, "--compile", "true"], "-"),
+    "singlora+cache+compile": ("ours", ["--adapter", "singlora", "--compile", "true"], "latents, prompt"),
+    "singlora+cache+channels_last": ("ours", ["--adapter", "singlora", "--channels_last", "true"], "latents, prompt"),
+    "singlora+cache+fused_adamw": ("ours", ["--adapter", "singlora", "--fused_adamw", "true"], "latents, prompt"),
+    "singlora+cache+all": ("ours", ["--adapter", "singlora", "--compile", "true", "--channels_last", "true",
+                                    "--fused_adamw", "true"], "latents, prompt"),
     "diffusers": ("diffusers", [], "-"),
     "diffusers+pre": ("diffusers", ["--pre_compute_text_embeddings"], "prompt"),
 }
@@ -115,7 +122,8 @@ def child(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     r = train_here(spec["trainer"], spec["argv"], spec["script"])
-    Path(spec["result"]).write_text(json.dumps(dict(stamps=r["stamps"], peak=r["peak_rss"] * 2 ** 30)))
+    Path(spec["result"]).write_text(json.dumps(dict(stamps=r["stamps"], fit_start=r["fit_start"],
+                                                    peak=r["peak_rss"] * 2 ** 30)))
 
 
 def run_one(name: str, s: dict, base: str, script: str | None) -> dict:
@@ -133,8 +141,9 @@ def run_one(name: str, s: dict, base: str, script: str | None) -> dict:
     if len(r["stamps"]) != n_steps:
         return dict(error=f"{name}: expected {n_steps} optimizer steps, saw {len(r['stamps'])}")
     times = [b - a for a, b in zip(r["stamps"][s["warmup"] - 1:], r["stamps"][s["warmup"]:])]
+    first = None if r["fit_start"] is None else r["stamps"][0] - r["fit_start"]  # compile included
     return dict(steps_per_s=1 / statistics.median(times), mean_step=statistics.fmean(times), peak=r["peak"],
-                times=times)
+                first_step=first, times=times)
 
 
 def run(names: list[str], s: dict, base: str, script: str | None) -> dict[str, list[dict]]:
@@ -161,9 +170,10 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for name, rs in results.items():
         ok = [r for r in rs if "error" not in r]
-        med = lambda key: statistics.median(r[key] for r in ok) if ok else None  # noqa: E731
+        med = lambda key: statistics.median(r[key] for r in ok) if ok and ok[0].get(key) is not None else None  # noqa: E731
         rows.append(dict(name=name, trainer=CONFIGS[name][0], errors=[r["error"] for r in rs if "error" in r],
-                         steps_per_s=med("steps_per_s"), mean_step=med("mean_step"), peak=med("peak"), rounds=rs,
+                         steps_per_s=med("steps_per_s"), mean_step=med("mean_step"), peak=med("peak"),
+                         first_step=med("first_step"), rounds=rs,
                          x_base=paired(results, name, BASELINE), x_diffusers=paired(results, name, "diffusers")))
     return rows
 
@@ -171,13 +181,14 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     ratio = lambda x: "n/a" if x is None else f"{x[0]:.2f}x [{x[1]:.2f}, {x[2]:.2f}]"  # noqa: E731
     lines = ["| configuration | trainer | encoded once | steps/s | x lora | x diffusers | mean step (s) "
-             "| peak RSS (MB) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| first step (s) | peak RSS (MB) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         trainer = "ours" if r["trainer"] == "ours" else "diffusers train_dreambooth_lora.py"
         head = f"| {r['name']} | {trainer} | {CONFIGS[r['name']][2]} |"
-        lines.append(head + (" failed | n/a | n/a | n/a | n/a |" if r["steps_per_s"] is None else
+        first = "n/a" if r["first_step"] is None else f"{r['first_step']:.1f}"
+        lines.append(head + (" failed | n/a | n/a | n/a | n/a | n/a |" if r["steps_per_s"] is None else
                              f" {r['steps_per_s']:.2f} | {ratio(r['x_base'])} | {ratio(r['x_diffusers'])} "
-                             f"| {r['mean_step']:.3f} | {r['peak'] / 2**20:.0f} |"))
+                             f"| {r['mean_step']:.3f} | {first} | {r['peak'] / 2**20:.0f} |"))
     return "\n".join(lines)
 
 
@@ -185,7 +196,9 @@ def verdicts(rows: list[dict]) -> list[str]:
     """The goal, judged as printed (2 decimals); a missing measurement never passes."""
     by, out = {r["name"]: r for r in rows}, []
     for name, what in (("singlora+cache", "singlora, our defaults (caching on)"),
+                       ("singlora+cache+all", "singlora, our defaults with every speed option"),
                        ("singlora", "singlora, no caching (diffusers' work per step)"),
+                       ("singlora+compile", "singlora, no caching, --compile (diffusers' work per step)"),
                        ("lora", "lora, no caching (diffusers' adapter and work per step)")):
         x = by[name]["x_diffusers"] if name in by else None
         if x is not None:
@@ -196,6 +209,12 @@ def verdicts(rows: list[dict]) -> list[str]:
         x = paired({n: by[n]["rounds"] for n in (name, ref) if n in by}, name, ref) if name in by else None
         if x is not None:
             out.append(f"caching speed-up, {ref}: {x[0]:.2f}x [{x[1]:.2f}, {x[2]:.2f}] steps/s vs no caching")
+    for option in ("compile", "channels_last", "fused_adamw", "all"):
+        name, ref = f"singlora+cache+{option}", "singlora+cache"
+        x = paired({n: by[n]["rounds"] for n in (name, ref) if n in by}, name, ref) if name in by else None
+        if x is not None:
+            out.append(f"--{option.replace('all', 'compile --channels_last --fused_adamw')}: {x[0]:.2f}x "
+                       f"[{x[1]:.2f}, {x[2]:.2f}] steps/s vs singlora+cache")
     return out
 
 

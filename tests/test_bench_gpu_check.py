@@ -30,8 +30,10 @@ def test_gpu_check_dry_run_measures_everything(tmp_path):
     assert report["device"] == "CPU (dry run)"
     for arch in ("sd15", "sdxl"):
         rows = report["training"][arch]
-        assert set(rows) == {"ours singlora", "ours lora", "diffusers"}
+        assert set(rows) == {"ours singlora", "ours lora", "ours singlora compile", "diffusers"}
+        assert "GPU only" in rows.pop("ours singlora compile")["skipped"]
         assert all(r["steps_per_s"] > 0 and r["memory_gb"] > 0 for r in rows.values()), rows
+        assert rows["ours singlora"]["first_step_s"] > 0
         inference = report["inference"][arch]
         assert inference["unmerged"] > 0 and inference["merged"] > 0
     assert report["evaluation"]["images_per_s"] > 0
