@@ -119,9 +119,10 @@ class SingLoRALinear(nn.Module):
         self.register_buffer("singlora_step", torch.zeros((), dtype=torch.long,
                                                           device=base_layer.weight.device))
         # The host's copy of "u(t) = 1 now": once the ramp is over, forward needs no ramp tensor
-        # work (five tiny ops per layer and call). Kept beside the buffer so that deciding it
-        # never reads a GPU tensor; None = not known (after set_step / load_state_dict), learnt
-        # at the next advance_step. torch.compile never reads it (see coef).
+        # work (five tiny ops per layer and call). Kept beside the buffer by advance_step,
+        # set_step and load_state_dict, so deciding it never reads a GPU tensor per call (None:
+        # not known, learnt from the buffer at the next advance_step). torch.compile never reads it
+        # (see coef). Move the step with set_step, not by writing the buffer.
         self._host_step: int | None = 0
         self._ramp_done = self.ramp_up_steps <= 0
 
