@@ -45,7 +45,7 @@ def test_compiled_training_matches_eager_through_the_ramp(tiny_pipeline_dir, tmp
 
 
 def test_compile_denoiser_uses_regional_compilation_where_diffusers_has_it(monkeypatch):
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel
 
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(type(self).__name__))

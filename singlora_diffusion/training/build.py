@@ -150,15 +150,13 @@ def build(cfg: TrainConfig, inputs: Inputs, device: torch.device) -> Trainee:
     if cfg.gradient_checkpointing:
         for c, model in trained.items():  # diffusers and transformers name the switch differently
             (model.enable_gradient_checkpointing if c in DENOISERS else model.gradient_checkpointing_enable)()
-    denoiser = next(components[c] for c in DENOISERS if c in components)
+    denoiser = components[denoiser_name(components)]
     if cfg.channels_last:
         denoiser.to(memory_format=torch.channels_last)  # only 4-D tensors change: the UNet's convolutions
-    if cfg.compile:
-        # After the adapters and checkpointing, before accelerate.prepare: the blocks compile with
-        # the adapter layers inside, and DDP wraps the compiled model as it is.
-        compiled = compile_denoiser(denoiser)
-    trainee = Trainee(pipe, components, trained, weight_dtype, ramp_up_steps, cfg.adapter,
-                      compiled=compiled if cfg.compile else None)
+    # After the adapters and checkpointing, before accelerate.prepare: the blocks compile with
+    # the adapter layers inside, and DDP wraps the compiled model as it is.
+    compiled = compile_denoiser(denoiser) if cfg.compile else None
+    trainee = Trainee(pipe, components, trained, weight_dtype, ramp_up_steps, cfg.adapter, compiled=compiled)
     trainee.prompts = PromptEncoder(pipe, cfg.cache_text_embeddings and not trainee.trains_text_encoders,
                                     cfg.max_sequence_length)
     return trainee
