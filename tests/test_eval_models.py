@@ -1,4 +1,6 @@
 """The scoring models and their preprocessing: what the protocol says, checked against the libraries."""
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,23 @@ def test_random_weights_are_seeded_and_say_so(scorer):
     assert scorer.random_weights and "RANDOM WEIGHTS — scores meaningless" in scorer.dino_weights.describe()
     again, _ = load_dino(Weights("dino", "random"))
     assert torch.equal(again.cls_token, scorer.dino.cls_token)  # same weights in every process
+
+
+def test_overlapped_scoring_equals_the_models_on_the_same_batches_in_order(scorer, tmp_path):
+    # batch 2 over 3 images: the second batch is prepared while the first runs, and is short
+    sources = [PHOTOS[2], PHOTOS[0], PHOTOS[1]]
+    threads = torch.get_num_threads()
+    got = scorer.embed_images(sources, batch_size=2)
+    later = ThreadPoolExecutor(1).submit(torch.get_num_threads).result()
+    assert later == threads  # the workers' one torch thread stays theirs, not every later thread's
+    inputs = [prepare(s, dino_transform(), scorer.clip_preprocess) for s in sources]
+    with torch.no_grad():
+        for start in (0, 2):
+            batch = inputs[start:start + 2]
+            dino, clip = torch.stack([d for d, _ in batch]), torch.stack([c for _, c in batch])
+            assert torch.equal(got["dino"][start:start + 2], scorer.dino(dino))
+            assert torch.equal(got["clip"][start:start + 2], scorer.clip.encode_image(clip))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(Image.UnidentifiedImageError, match="bad.png"):
+        scorer.embed_images([PHOTOS[0], bad], batch_size=1)  # prepared while the first image runs

@@ -19,9 +19,10 @@ with bicubic interpolation, centre crop 224, ImageNet mean/std. timm's pretraine
 CLIP: the model's own transform from open_clip (resize 224 bicubic, centre crop 224, OpenAI
 mean/std), taken from open_clip unchanged. One decode of each image feeds both models.
 
-The Scorer decodes images in a pool of threads (Pillow releases the GIL). On a GPU they
-decode the next batch while the models run on this one; on the CPU they run between
-forward passes (bench/eval_throughput.py measures the cost).
+The Scorer decodes and preprocesses the next batch in worker threads while the models run
+on this one (Pillow releases the GIL), on every device. The workers run torch on one
+intra-op thread: ToTensor and Normalize are tiny ops, and with torch's default team of
+threads each one waited on cores the forward held (bench/eval_throughput.py measures it).
 """
 from __future__ import annotations
 
@@ -270,30 +271,34 @@ class Scorer:
 
     def embed_images(self, sources, batch_size: int = 32, progress=None) -> dict[str, torch.Tensor]:
         """{"dino": (N, 384), "clip": (N, 512)} float32 on the CPU, in the order of `sources`
-        (paths or PIL images). `progress` (a tqdm bar) advances per image."""
+        (paths or PIL images). `progress` (a tqdm bar) advances per image. A file that cannot be
+        decoded raises Pillow's own error, at its batch."""
         sources = list(sources)
         batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
-        # On a GPU, threads decode the next batch while the models run on this one. On the
-        # CPU the forward already uses every core torch has: decoding beside it only makes
-        # the two fight (measured slower), so the same threads decode between forwards.
-        overlap = self.device.type != "cpu"
-        workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if overlap else torch.get_num_threads()
+        # One batch ahead at most: the workers prepare batch k + 1 while the models run on k.
+        # One worker per core beside the main thread (one on 2 cores: preparing is ~1/10 of
+        # the forward on a CPU), up to 8 for a GPU, whose forward is far faster.
+        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+        threads = torch.get_num_threads()  # also fixes this thread's team before a worker changes the default
         dino, clip = [], []
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            def submit(batch):
-                return [pool.submit(prepare, s, self.dino_preprocess, self.clip_preprocess) for s in batch]
+        try:
+            with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                def submit(batch):
+                    return [pool.submit(prepare, s, self.dino_preprocess, self.clip_preprocess) for s in batch]
 
-            pending = submit(batches[0]) if batches else []
-            for k in range(len(batches)):
-                pairs = [f.result() for f in pending]
-                pending = submit(batches[k + 1]) if overlap and k + 1 < len(batches) else []
-                d, c = self._forward(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
-                if not overlap and k + 1 < len(batches):
-                    pending = submit(batches[k + 1])
-                dino.append(d)
-                clip.append(c)
-                if progress is not None:
-                    progress.update(len(batches[k]))
+                pending = submit(batches[0]) if batches else []
+                for k in range(len(batches)):
+                    pairs = [f.result() for f in pending]  # re-raises a worker's error, in order
+                    pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
+                    d, c = self._forward(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+                    dino.append(d)
+                    clip.append(c)
+                    if progress is not None:
+                        progress.update(len(batches[k]))
+        finally:
+            # set_num_threads(1) in a worker sets that thread's OpenMP team only, and torch's
+            # default for threads that start later: give that default back.
+            torch.set_num_threads(threads)
         if not dino:
             return {"dino": torch.empty(0, self.dino.num_features), "clip": torch.empty(0, self.clip.visual.output_dim)}
         return {"dino": torch.cat(dino), "clip": torch.cat(clip)}
