@@ -124,11 +124,13 @@ def test_random_weights_are_seeded_and_say_so(scorer):
     assert torch.equal(again.cls_token, scorer.dino.cls_token)  # same weights in every process
 
 
-def test_overlapped_scoring_equals_the_models_on_the_same_batches_in_order(scorer, tmp_path):
-    # batch 2 over 3 images: the second batch is prepared while the first runs, and is short
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "between-forwards"])
+def test_scoring_equals_the_models_on_the_same_batches_in_order(scorer, tmp_path, overlap):
+    # batch 2 over 3 images: the second batch is prepared while the first runs (an accelerator's
+    # way) or after it (the CPU's), and is short
     sources = [PHOTOS[2], PHOTOS[0], PHOTOS[1]]
     threads = torch.get_num_threads()
-    got = scorer.embed_images(sources, batch_size=2)
+    got = scorer.embed_images(sources, batch_size=2, overlap=overlap)
     later = ThreadPoolExecutor(1).submit(torch.get_num_threads).result()
     assert later == threads  # the workers' one torch thread stays theirs, not every later thread's
     inputs = [prepare(s, dino_transform(), scorer.clip_preprocess) for s in sources]
@@ -141,4 +143,4 @@ def test_overlapped_scoring_equals_the_models_on_the_same_batches_in_order(score
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(Image.UnidentifiedImageError, match="bad.png"):
-        scorer.embed_images([PHOTOS[0], bad], batch_size=1)  # prepared while the first image runs
+        scorer.embed_images([PHOTOS[0], bad], batch_size=1, overlap=overlap)

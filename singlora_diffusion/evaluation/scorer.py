@@ -19,10 +19,10 @@ with bicubic interpolation, centre crop 224, ImageNet mean/std. timm's pretraine
 CLIP: the model's own transform from open_clip (resize 224 bicubic, centre crop 224, OpenAI
 mean/std), taken from open_clip unchanged. One decode of each image feeds both models.
 
-The Scorer decodes and preprocesses the next batch in worker threads while the models run
-on this one (Pillow releases the GIL), on every device. The workers run torch on one
-intra-op thread: ToTensor and Normalize are tiny ops, and with torch's default team of
-threads each one waited on cores the forward held (bench/eval_throughput.py measures it).
+The Scorer decodes and preprocesses images in worker threads (Pillow releases the GIL), on
+one torch intra-op thread each. On an accelerator they prepare the next batch while the models
+run on this one; on the CPU, whose cores the forward holds, between forward passes
+(bench/eval_throughput.py measures the cost).
 """
 from __future__ import annotations
 
@@ -269,17 +269,23 @@ class Scorer:
         clip = self.clip.encode_image(clip_in.to(self.device))
         return dino.float().cpu(), clip.float().cpu()
 
-    def embed_images(self, sources, batch_size: int = 32, progress=None) -> dict[str, torch.Tensor]:
+    def embed_images(self, sources, batch_size: int = 32, progress=None,
+                     overlap: bool | None = None) -> dict[str, torch.Tensor]:
         """{"dino": (N, 384), "clip": (N, 512)} float32 on the CPU, in the order of `sources`
         (paths or PIL images). `progress` (a tqdm bar) advances per image. A file that cannot be
-        decoded raises Pillow's own error, at its batch."""
+        decoded raises Pillow's own error, at its batch. `overlap`: prepare the next batch during
+        the forward (default: on an accelerator, not on the CPU; see below)."""
         sources = list(sources)
         batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
-        # One batch ahead at most: the workers prepare batch k + 1 while the models run on k.
-        # One worker per core beside the main thread (one on 2 cores: preparing is ~1/10 of
-        # the forward on a CPU), up to 8 for a GPU, whose forward is far faster.
-        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+        # On an accelerator the workers prepare batch k + 1 while the models run on k. On the
+        # CPU the forward holds every core torch has: a worker beside it makes its threads wait
+        # on each other (measured: the forward 10-15 % slower, more than the preparing saved),
+        # so there they prepare between forwards, one per torch thread. Each worker runs torch
+        # on one thread: ToTensor and Normalize are tiny ops, and a team of threads per worker
+        # oversubscribes the cores (bench/eval_throughput.py measures both).
+        overlap = self.device.type != "cpu" if overlap is None else overlap
         threads = torch.get_num_threads()  # also fixes this thread's team before a worker changes the default
+        workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if overlap else threads
         dino, clip = [], []
         try:
             with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
@@ -289,8 +295,10 @@ class Scorer:
                 pending = submit(batches[0]) if batches else []
                 for k in range(len(batches)):
                     pairs = [f.result() for f in pending]  # re-raises a worker's error, in order
-                    pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
+                    pending = submit(batches[k + 1]) if overlap and k + 1 < len(batches) else []
                     d, c = self._forward(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+                    if not overlap and k + 1 < len(batches):
+                        pending = submit(batches[k + 1])
                     dino.append(d)
                     clip.append(c)
                     if progress is not None:
