@@ -14,7 +14,9 @@ of peak RSS over the RSS after setup (everything, allocator included).
 The floor is the same frozen UNet with no adapter, run forward + backward with
 the gradient of every target layer's output (input gradients only, no weight
 gradient, no optimizer): the work any adapter on those layers makes the step do.
-A method's overhead is its step minus the floor's, paired per repetition.
+A method's overhead is its step minus the floor's, paired per repetition. Beside the clock,
+the work of one step is counted exactly: matmul FLOPs (torch's FlopCounterMode) and ATen ops
+dispatched, each method's above the floor's.
 What each column measures is printed under the table. Goals for SingLoRA vs
 LoRA: overhead above the floor <= 0.50x, time <= 1.00x, memory <= 1.00x,
 parameters 0.50x.
@@ -134,6 +136,24 @@ def saved_for_backward(trainer: Trainer) -> int:
     return sum(saved.values())
 
 
+def work_per_step(trainer: Trainer) -> dict:
+    """What one step dispatches, exactly (no clock): matmul/conv/attention FLOPs (torch's own
+    FlopCounterMode) and the number of ATen ops, each a kernel launch with its dispatch cost."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class CountOps(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with FlopCounterMode(display=False) as flops, CountOps():
+        trainer.step()
+    return dict(flops=flops.get_total_flops(), ops=CountOps.ops)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -150,7 +170,7 @@ def measure_memory(method: str, rank: int, s: dict, preset: str) -> dict:
         trainer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # If setup peaked higher than training, ru_maxrss did not move and the increase is unknown.
-    return dict(saved=saved, rss=peak - rss_setup if peak > peak_setup else None)
+    return dict(saved=saved, rss=peak - rss_setup if peak > peak_setup else None, **work_per_step(trainer))
 
 
 def time_steps(trainers: dict[str, Trainer], repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -208,11 +228,14 @@ def run(ranks: list[int], repeats: int, warmup: int, s: dict, presets=PRESETS) -
 
 def ratios(row: dict, rows: list[dict]) -> dict[str, float | None]:
     """row / LoRA of the same preset and rank for each quantity with a goal (time: the paired median;
-    overhead: the ratio of the two median overheads above the floor)."""
-    ref = next(r for r in rows if (r["preset"], r["rank"], r["method"]) == (row["preset"], row["rank"], "lora"))
+    overhead: the ratio of the two median overheads above the floor), and for the work above the
+    floor (flops, ops: exact counts, no clock)."""
+    find = lambda m: next(r for r in rows if (r["preset"], r["rank"], r["method"]) == (row["preset"], row["rank"], m))
+    ref, floor = find("lora"), find(FLOOR)
     out = {k: None if row[k] is None or not ref[k] else row[k] / ref[k]
            for k in ("params", "saved", "rss", "overhead")}
-    return dict(out, time=row["time_ratio"])
+    above = {k: (row[k] - floor[k]) / (ref[k] - floor[k]) if ref[k] != floor[k] else None for k in ("flops", "ops")}
+    return dict(out, **above, time=row["time_ratio"])
 
 
 def fmt(value: float | None, spec: str = ".2f", unit: str = "x") -> str:
@@ -221,16 +244,24 @@ def fmt(value: float | None, spec: str = ".2f", unit: str = "x") -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| preset | rank | method | trainable params | x LoRA | median step (s) | x LoRA "
-             "| above floor (ms) | x LoRA | saved for backward (MB) | x LoRA | peak RSS increase (MB) | x LoRA |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| above floor (ms) | x LoRA | matmul GFLOP above floor | x LoRA | ATen ops above floor | x LoRA "
+             "| saved for backward (MB) | x LoRA | peak RSS increase (MB) | x LoRA |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    floors = {(r["preset"], r["rank"]): r for r in rows if r["method"] == FLOOR}
     for row in rows:
         x, (lo, hi) = ratios(row, rows), row["time_ratio_iqr"]
         mb = {k: None if row[k] is None else row[k] / 2**20 for k in ("saved", "rss")}
         olo, ohi = (1000 * v for v in row["overhead_iqr"])
-        above = "-" if row["method"] == FLOOR else f"{1000 * row['overhead']:.1f} [{olo:.1f}, {ohi:.1f}]"
+        is_floor, floor = row["method"] == FLOOR, floors[row["preset"], row["rank"]]
+        above = "-" if is_floor else f"{1000 * row['overhead']:.1f} [{olo:.1f}, {ohi:.1f}]"
+        # the floor's row gives its own totals; the others what they add to them
+        flops = row["flops"] - (0 if is_floor else floor["flops"])
+        ops = row["ops"] - (0 if is_floor else floor["ops"])
+        dash = lambda v: "-" if is_floor else fmt(v)
         lines.append(f"| {row['preset']} | {row['rank']} | {row['method']} | {row['params']:,} | {fmt(x['params'])} "
-                     f"| {row['time']:.3f} | {fmt(x['time'])} [{lo:.2f}, {hi:.2f}] | {above} "
-                     f"| {'-' if row['method'] == FLOOR else fmt(x['overhead'])} | {fmt(mb['saved'], '.1f', '')} "
+                     f"| {row['time']:.3f} | {fmt(x['time'])} [{lo:.2f}, {hi:.2f}] | {above} | {dash(x['overhead'])} "
+                     f"| {'(total) ' if is_floor else ''}{flops / 1e9:.3f} | {dash(x['flops'])} "
+                     f"| {'(total) ' if is_floor else ''}{ops:,} | {dash(x['ops'])} | {fmt(mb['saved'], '.1f', '')} "
                      f"| {fmt(x['saved'])} | {fmt(mb['rss'], '.1f', '')} | {fmt(x['rss'])} |")
     return "\n".join(lines)
 
@@ -243,7 +274,8 @@ def verdicts(rows: list[dict]) -> list[str]:
             # Judged as printed, to 2 decimals; a missing measurement never passes.
             parts = [f"{key} {fmt(x[key])} ({'meets' if x[key] is not None and round(x[key], 2) <= goal else 'MISSES'}"
                      f" <= {goal:.2f}x)" for key, goal in GOALS.items()]
-            out.append(f"{row['preset']} rank {row['rank']}: SingLoRA " + ", ".join(parts))
+            out.append(f"{row['preset']} rank {row['rank']}: SingLoRA " + ", ".join(parts)
+                       + f"; at equal work: matmul FLOPs above the floor {fmt(x['flops'])}, ATen ops {fmt(x['ops'])}")
     return out
 
 
@@ -277,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
           "floor = the frozen UNet without adapter, forward + backward with the gradient of every target layer's\n"
           "  output (input gradients only). above floor = median [IQR] of the per-repetition step - floor;\n"
           "  x LoRA = the method's median overhead / LoRA's.\n"
+          "matmul GFLOP, ATen ops = exact counts for one step (torch's FlopCounterMode: matmuls, convolutions,\n"
+          "  attention; every ATen op dispatched, each a kernel with its launch cost), above the floor's.\n"
           "saved for backward = bytes of the distinct storages autograd keeps for backward in one step,\n"
           "  parameters excluded (the activation memory).\n"
           "peak RSS increase = peak RSS over 3 training steps minus RSS after model+optimizer setup, each\n"

@@ -15,3 +15,30 @@ def test_adapter_overhead_quick(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "singlora" in out.stdout and "x LoRA" in out.stdout
     assert json.loads((tmp_path / "r.json").read_text())
+
+
+def test_adapter_work_above_the_floor_is_the_adapters_own_matmuls():
+    # Reference from the layers' shapes alone: per target layer with M input rows, the two thin
+    # matmuls x·(d_in×r)·(r×d_out) cost 2·M·r·(d_in + d_out) forward; backward, the weight
+    # gradients the same again, and the gradients of h and of x (the latter only when x needs grad).
+    from bench import adapter_overhead as B
+    from singlora_diffusion.targets import find_targets
+
+    s, rank = B.SETTINGS["quick"], 4
+    floor = B.Trainer(B.FLOOR, rank, s, "attn")
+    expected = 0
+
+    def count(module, inputs, output):
+        nonlocal expected
+        x = inputs[0]
+        m, d_in, d_out = x.numel() // x.shape[-1], module.in_features, module.out_features
+        expected += 2 * m * rank * (2 * (d_in + d_out) + d_out + (d_in if x.requires_grad else 0))
+
+    for name in find_targets(floor.unet, "attn", "unet"):
+        floor.unet.get_submodule(name).register_forward_hook(count)
+    base = B.work_per_step(floor)
+    assert expected > 0
+    for method in ("lora", "singlora"):
+        work = B.work_per_step(B.Trainer(method, rank, s, "attn"))
+        assert work["flops"] - base["flops"] == expected, method
+        assert work["ops"] > base["ops"]
