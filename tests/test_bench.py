@@ -42,3 +42,35 @@ def test_adapter_work_above_the_floor_is_the_adapters_own_matmuls():
         work = B.work_per_step(B.Trainer(method, rank, s, "attn"))
         assert work["flops"] - base["flops"] == expected, method
         assert work["ops"] > base["ops"]
+
+
+def test_adapter_alternatives_compute_singloras_update_and_gradients():
+    # The variants timed by bench/adapter_alternatives.py must do SingLoRA's work, or their times
+    # say nothing: outputs and gradients against float64 autograd of x·A·Aᵀ summed over q, k, v.
+    import torch
+
+    from bench import adapter_alternatives as B
+
+    x0 = torch.randn(2, 6, 16, dtype=torch.float64)
+    torch.autograd.gradcheck(B.RowsOut.apply, (x0.clone().requires_grad_(), torch.randn(16, 4, dtype=torch.float64,
+                             requires_grad=True), torch.randn(12, 4, dtype=torch.float64, requires_grad=True)))
+    for method in ("singlora rows-out", "singlora fused down"):
+        model = B.qkv(16, 4, method)
+        x = x0.float().requires_grad_()
+        model.forward(x).sum().backward()
+        As = [model.layers[n].singlora_A for n in ("to_q", "to_k", "to_v")]
+        bases = [model.layers[n].base_layer for n in ("to_q", "to_k", "to_v")]
+        xr, Ar = x0.clone().requires_grad_(), [A.detach().double().requires_grad_() for A in As]
+        ref = sum(xr @ b.weight.double().t() + b.bias.double() + xr @ A @ A.t() for b, A in zip(bases, Ar))
+        ref.sum().backward()
+        assert torch.allclose(model.forward(x.detach()).double(), ref, atol=1e-5), method
+        assert torch.allclose(x.grad.double(), xr.grad, atol=1e-5), method
+        for A, a in zip(As, Ar):
+            assert torch.allclose(A.grad.double(), a.grad, atol=1e-4), method
+
+
+def test_adapter_alternatives_quick():
+    out = subprocess.run([sys.executable, "-m", "bench.adapter_alternatives", "--quick"], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Table 2" in out.stdout and "fused down" in out.stdout
