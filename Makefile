@@ -45,6 +45,7 @@ webui: venv
 
 bench: venv
 	$(PY) -m bench.adapter_overhead
+	$(PY) -m bench.adapter_alternatives
 	$(PY) -m bench.trainer_throughput
 	$(PY) -m bench.eval_throughput
 	$(PY) -m bench.budget

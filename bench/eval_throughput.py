@@ -10,7 +10,8 @@ with random weights (speed does not depend on the values), float32, on CUDA if p
 else the CPU.
 
   embed_images    Scorer.embed_images on the generated files: decode, both preprocessings,
-                  DINO + CLIP image forward (decoding overlaps the forward in worker threads)
+                  DINO + CLIP image forward (worker threads prepare between forwards on the
+                  CPU, during them on an accelerator)
      ceiling:     raw image forward: the same batches, preprocessed beforehand (untimed)
                   and already on the device
   embed_subject   the evaluation's scoring phase for the subject, from an empty cache:
