@@ -47,6 +47,7 @@ bench: venv
 	$(PY) -m bench.adapter_overhead
 	$(PY) -m bench.adapter_alternatives
 	$(PY) -m bench.trainer_throughput
+	$(PY) -m bench.compile_cost
 	$(PY) -m bench.eval_throughput
 	$(PY) -m bench.budget
 

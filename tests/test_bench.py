@@ -74,3 +74,11 @@ def test_adapter_alternatives_quick():
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Table 2" in out.stdout and "fused down" in out.stdout
+
+
+def test_compile_cost_quick():
+    out = subprocess.run([sys.executable, "-m", "bench.compile_cost", "--quick"], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| tiny:sd15")]
+    assert [r.split(" | ")[1] for r in rows] == ["eager", "compile, cold cache", "compile, warm cache"], out.stdout
