@@ -1,4 +1,5 @@
-"""Benchmarks stay runnable: their --quick paths run end to end (no timing is asserted)."""
+"""Benchmarks stay runnable (their --quick paths run end to end; no timing is asserted), and what they count or
+compare is right: exact work counts against the layer shapes, experimental variants against float64."""
 import json
 import os
 import subprocess
