@@ -279,7 +279,7 @@ class Scorer:
         batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
         # On an accelerator the workers prepare batch k + 1 while the models run on k. On the
         # CPU the forward holds every core torch has: a worker beside it takes cores from it
-        # (measured: 0.80x of the raw forward overlapped, 0.88-0.90x between forwards), so
+        # (measured: 0.80x of the raw forward overlapped, 0.88-0.98x between forwards), so
         # there they prepare between forwards, one per torch thread. Each worker runs torch
         # on one thread: ToTensor and Normalize are tiny ops, and a team of threads per worker
         # oversubscribes the cores (bench/eval_throughput.py measures both).
