@@ -76,7 +76,7 @@ def thin_matmuls(shapes, ranks, calls) -> list[str]:
 
 
 def qkv(d: int, rank: int, method: str) -> nn.Module:
-    """Three frozen d×d Linears on one input, summed, with `method`'s adapters (None: the floor)."""
+    """Three frozen d×d Linears on one input, summed, with `method`'s adapters (none for "floor")."""
     from singlora_diffusion.layer import SingLoRALinear
 
     torch.manual_seed(0)

@@ -83,3 +83,5 @@ def test_compile_cost_quick():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| tiny:sd15")]
     assert [r.split(" | ")[1] for r in rows] == ["eager", "compile, cold cache", "compile, warm cache"], out.stdout
+    files = [r.strip(" |").split(" | ")[-1] for r in rows]
+    assert files[0] == "-" and int(files[1]) > 0, out.stdout  # the compiled run compiled, into its own cache
